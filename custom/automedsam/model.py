@@ -1,0 +1,144 @@
+"""AutoMedSAM: frozen MedSAM image encoder -> diffusion class prompt encoder -> MedSAM mask decoder.
+
+Shaped like segment-anything's ``SamPredictor``: ``encode`` runs the expensive image encoder
+once per slice, ``decode`` answers any number of class prompts from that embedding.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .backbones import SamBackbone, build_backbone, freeze, load_state_dict_file
+from .classes import NUM_CLASSES
+from .prompt_encoder import DiffusionClassPromptEncoder, Prompts
+
+
+@dataclass
+class Prediction:
+    logits: torch.Tensor  # (B,1,256,256) low-res mask logits
+    iou: torch.Tensor  # (B,1) the decoder's predicted IoU
+    presence_logit: torch.Tensor  # (B,) is the class in this slice at all
+
+    def probabilities(self) -> torch.Tensor:
+        """Per-pixel probability, blanked where the class is predicted absent (presence < 0.5)."""
+        present = (self.presence_logit > 0).to(self.logits.dtype).view(-1, 1, 1, 1)
+        return torch.sigmoid(self.logits) * present
+
+
+class AutoMedSAM(nn.Module):
+    """Class-prompted MedSAM.
+
+    Args:
+        backbone: a :class:`SamBackbone` or a backbone name (``lite_medsam``, ``medsam_vit_b``).
+        checkpoint: backbone checkpoint path (None: the packaged LiteMedSAM weights).
+        num_classes: size of the class vocabulary (ids 1..num_classes).
+        train_mask_decoder: fine-tune the mask decoder too (the teacher keeps a frozen copy).
+        prompt_encoder: keyword arguments for :class:`DiffusionClassPromptEncoder`.
+    """
+
+    def __init__(self, backbone: SamBackbone | str = "lite_medsam", checkpoint: str | None = None,
+                 num_classes: int = NUM_CLASSES, train_mask_decoder: bool = False, prompt_encoder: dict | None = None):
+        super().__init__()
+        if isinstance(backbone, str):
+            backbone = build_backbone(backbone, checkpoint)
+        self.backbone = backbone
+        self.train_mask_decoder = train_mask_decoder
+        kwargs = dict(prompt_encoder or {})
+        kwargs.setdefault("no_mask_embed", backbone.prompt_encoder.no_mask_embed.weight)
+        self.class_prompt_encoder = DiffusionClassPromptEncoder(num_classes=num_classes, **kwargs)
+        # the backbone stays frozen whole: it is also the box-prompted teacher (the original MedSAM
+        # path); a fine-tuned decoder is the student's own copy
+        freeze(backbone)
+        self.student_decoder = copy.deepcopy(backbone.mask_decoder).requires_grad_(True) if train_mask_decoder else None
+
+    @property
+    def image_size(self) -> int:
+        return self.backbone.image_size
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.eval()  # frozen parts stay in eval mode
+        return self
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only what training changes (the backbone comes from its package or file)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+
+    def load_trainable(self, path: str | os.PathLike | dict) -> None:
+        """Load weights saved by :meth:`trainable_state_dict` (strict over the trainable keys)."""
+        state = path if isinstance(path, dict) else load_state_dict_file(path, "AutoMedSAM weights")
+        expected = set(self.trainable_state_dict())
+        missing, unexpected = expected - set(state), set(state) - set(self.state_dict())
+        if missing or unexpected:
+            from .backbones import CheckpointError
+
+            raise CheckpointError(f"AutoMedSAM weights {path if not isinstance(path, dict) else '<dict>'} do not fit "
+                                  f"this model: {len(missing)} missing keys (e.g. {sorted(missing)[:2]}), "
+                                  f"{len(unexpected)} unexpected (e.g. {sorted(unexpected)[:2]})")
+        self.load_state_dict(state, strict=False)
+
+    # ---- the three stages ----------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Image embeddings (B,256,64,64) from preprocessed images (B,3,S,S) in [0,1]."""
+        return self.backbone.encode(images)
+
+    def prompts(self, embeddings: torch.Tensor, class_ids, noise: torch.Tensor | None = None) -> Prompts:
+        return self.class_prompt_encoder(embeddings, class_ids, noise=noise)
+
+    def decode(self, embeddings: torch.Tensor, class_ids, boxes: torch.Tensor | None = None,
+               points: torch.Tensor | None = None, point_labels: torch.Tensor | None = None,
+               noise: torch.Tensor | None = None, prompts: Prompts | None = None) -> Prediction:
+        """Masks for one class per embedding. Optional SAM box (B,4) / point (B,N,2)+(B,N) prompts, in
+        backbone-input pixels, are added to the class prompts (interactive correction)."""
+        p = prompts if prompts is not None else self.prompts(embeddings, class_ids, noise)
+        sparse, dense = p.sparse, p.dense
+        if boxes is not None or points is not None:
+            extra, _ = self.backbone.prompt(boxes=boxes, points=points, point_labels=point_labels)
+            sparse = torch.cat([sparse, extra.to(sparse.dtype)], 1)
+        logits, iou = self.backbone.decode(embeddings.to(dense.dtype), sparse, dense, mask_decoder=self.student_decoder)
+        presence = p.presence_logit
+        if boxes is not None or points is not None:
+            presence = torch.full_like(presence, 20.0)  # the user has said the class is there
+        return Prediction(logits=logits, iou=iou, presence_logit=presence)
+
+    def decode_classes(self, embeddings: torch.Tensor, class_ids: Sequence[int]) -> Prediction:
+        """Every class for every embedding: outputs (B*K, ...), class-major within each embedding."""
+        p = self.class_prompt_encoder.forward_classes(embeddings, list(class_ids))
+        rep = embeddings.repeat_interleave(len(class_ids), 0)
+        return self.decode(rep, None, prompts=p)
+
+    @torch.no_grad()
+    def teacher(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """The frozen box-prompted MedSAM (the distillation teacher): low-res logits (B,1,256,256)."""
+        sparse, dense = self.backbone.prompt(boxes=boxes)
+        logits, _ = self.backbone.decode(embeddings.float(), sparse, dense)
+        return logits
+
+    def forward(self, images: torch.Tensor | None = None, class_ids=None, embeddings: torch.Tensor | None = None,
+                boxes: torch.Tensor | None = None, points: torch.Tensor | None = None,
+                point_labels: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> Prediction:
+        if embeddings is None:
+            if images is None:
+                raise ValueError("give images or embeddings")
+            embeddings = self.encode(images)
+        if class_ids is None:
+            raise ValueError("class_ids are required: one class id per image")
+        return self.decode(embeddings, class_ids, boxes=boxes, points=points, point_labels=point_labels, noise=noise)
+
+    @torch.no_grad()
+    def sample(self, embeddings: torch.Tensor, class_ids, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Uncertainty: N noise draws of the class prompt encoder; mean probability and per-pixel std."""
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        probs = []
+        for _ in range(n):
+            noise = torch.randn(embeddings.shape, generator=g).to(embeddings.device)
+            probs.append(self.decode(embeddings, class_ids, noise=noise).probabilities())
+        stack = torch.stack(probs)
+        return stack.mean(0), stack.std(0, unbiased=False)

@@ -1,0 +1,278 @@
+"""The diffusion-based class prompt encoder (E_P) of AutoMedSAM.
+
+Input: a MedSAM image embedding F (B,256,64,64) and class ids c. Output: a sparse prompt
+embedding (B,2,256), the stand-in for the two corner tokens a box would give, a dense
+prompt embedding (B,256,64,64), the stand-in for SAM's mask prompt, and a presence logit
+(B,) saying whether the class is in the slice at all.
+
+Forward diffusion perturbs F over T steps with Gaussian noise and the class map phi(c);
+a U-Net-like reverse network (stride 1, 64x64 throughout) with a shared encoder and two
+decoder branches (dense: spatial attention, sparse: channel attention) turns the noisy,
+class-conditioned embedding into prompts.
+
+Where the paper is silent the choices are ours (see the bundle's docs), all switchable:
+
+* ``schedule``: ``"linear"`` (DDPM variance schedule, default), ``"cosine"``, or
+  ``"additive"`` (the authors' x <- x + eps_t/(t+1) + phi(c)); the closed form of q(x_t|x_0)
+  is used, so the T steps cost nothing.
+* training draws t uniformly in 1..T and fresh noise (the reverse network learns every noise
+  level); eval uses t = ``eval_step`` (default T/10: a light perturbation) and a fixed noise
+  tensor stored with the weights, so the same input gives the same output bit for bit. The
+  model's ``sample`` draws N noises instead and reports the mean mask and its spread.
+* ``layout``: ``"authors"`` (the class enters at the U-Net input: nothing is shared between
+  classes) or ``"shared_trunk"`` (the class-independent trunk runs once per slice and the
+  class enters at the bottleneck and in the attention gates).
+* ``use_diffusion=False`` (ablation): no noise, the class map goes straight to the branches.
+* ``branches``: ("dense", "sparse"), or one of them (the other prompt is SAM's "no prompt").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SCHEDULES = ("linear", "cosine", "additive")
+LAYOUTS = ("authors", "shared_trunk")
+
+
+def _norm(ch: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(8, ch), ch)
+
+
+class ConvBlock(nn.Sequential):
+    """Two 3x3 convolutions (stride 1) with GroupNorm and SiLU."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, padding=1), _norm(cout), nn.SiLU(),
+            nn.Conv2d(cout, cout, 3, padding=1), _norm(cout), nn.SiLU(),
+        )
+
+
+class SpatialAttention(nn.Module):
+    """Gate features by a per-pixel weight from the features and the class map (1x1 conv)."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.gate = nn.Conv2d(ch + 1, 1, 1)
+
+    def forward(self, x: torch.Tensor, class_map: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.gate(torch.cat([x, class_map], 1)))
+
+
+class ChannelAttention(nn.Module):
+    """Squeeze-and-excite style gate: global pooling, 1x1 convs, sigmoid, conditioned on the class."""
+
+    def __init__(self, ch: int, cond_dim: int, reduction: int = 4):
+        super().__init__()
+        self.fc = nn.Sequential(nn.Conv2d(ch + cond_dim, ch // reduction, 1), nn.SiLU(), nn.Conv2d(ch // reduction, ch, 1))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        pooled = torch.cat([x.mean((2, 3), keepdim=True), cond[:, :, None, None]], 1)
+        return x * torch.sigmoid(self.fc(pooled))
+
+
+class Branch(nn.Module):
+    """One decoder branch: attention on the middle features, two skip-connected up blocks."""
+
+    def __init__(self, c1: int, c2: int, out_ch: int, attention: nn.Module):
+        super().__init__()
+        self.attention = attention
+        self.up2 = ConvBlock(c2 + c2, c2)
+        self.up1 = ConvBlock(c2 + c1, c1)
+        self.out = nn.Conv2d(c1, out_ch, 1)
+
+    def forward(self, mid, skip2, skip1, cond_arg):
+        x = self.attention(mid, cond_arg)
+        x = self.up2(torch.cat([x, skip2], 1))
+        x = self.up1(torch.cat([x, skip1], 1))
+        return self.out(x)
+
+
+@dataclass
+class Prompts:
+    sparse: torch.Tensor  # (B, 2, 256)
+    dense: torch.Tensor  # (B, 256, 64, 64)
+    presence_logit: torch.Tensor  # (B,)
+
+
+def _timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.sin(args), torch.cos(args)], 1)
+
+
+class DiffusionClassPromptEncoder(nn.Module):
+    def __init__(
+        self,
+        num_classes: int,
+        embed_dim: int = 256,
+        embedding_size: int = 64,
+        channels: tuple[int, int] = (64, 128),
+        class_dim: int = 128,
+        timesteps: int = 100,
+        schedule: str = "linear",
+        eval_step: int | None = None,
+        use_diffusion: bool = True,
+        layout: str = "authors",
+        branches: tuple[str, ...] = ("dense", "sparse"),
+        no_mask_embed: torch.Tensor | None = None,
+        noise_seed: int = 0,
+        embedding_scale: float = 8.0,
+    ):
+        super().__init__()
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got '{schedule}'")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got '{layout}'")
+        branches = tuple(branches)
+        if not branches or any(b not in ("dense", "sparse") for b in branches):
+            raise ValueError(f"branches must be a non-empty subset of ('dense', 'sparse'), got {branches}")
+        self.num_classes = num_classes
+        self.embed_dim = embed_dim
+        self.size = embedding_size
+        self.timesteps = timesteps
+        self.schedule = schedule
+        self.eval_step = max(1, timesteps // 10) if eval_step is None else eval_step
+        self.use_diffusion = use_diffusion
+        self.layout = layout
+        self.branches = branches
+        # MedSAM embeddings have std ~0.1; scale them to ~unit variance before adding unit noise
+        # (the same role as latent diffusion's scale factor)
+        self.embedding_scale = embedding_scale
+        c1, c2 = channels
+
+        # class conditioning: a learned table -> a 64x64 class map and a class vector
+        self.class_embed = nn.Embedding(num_classes, class_dim)
+        self.class_map = nn.Linear(class_dim, embedding_size * embedding_size)
+        self.time_embed = nn.Sequential(nn.Linear(class_dim, class_dim), nn.SiLU(), nn.Linear(class_dim, class_dim))
+
+        in_ch = embed_dim + (1 if layout == "authors" else 0)
+        self.enc1 = ConvBlock(in_ch, c1)
+        self.enc2 = ConvBlock(c1, c2)
+        self.mid = ConvBlock(c2 + (1 if layout == "shared_trunk" else 0), c2)
+        self.film = nn.Linear(class_dim, 2 * c2)  # class (and step) modulation of the bottleneck
+
+        if "dense" in branches:
+            self.dense_branch = Branch(c1, c2, embed_dim, SpatialAttention(c2))
+            nn.init.zeros_(self.dense_branch.out.weight)
+            nn.init.zeros_(self.dense_branch.out.bias)
+        if "sparse" in branches:
+            self.sparse_branch = Branch(c1, c2, embed_dim, ChannelAttention(c2, class_dim))
+            self.token_pool = nn.Conv2d(embed_dim, 2, 1)  # two attention-pooled tokens
+        self.presence_head = nn.Sequential(nn.Linear(c2 + class_dim, class_dim), nn.SiLU(), nn.Linear(class_dim, 1))
+
+        # SAM's "no mask" embedding: the dense prompt starts as what SAM uses without a mask
+        nma = torch.zeros(embed_dim) if no_mask_embed is None else no_mask_embed.detach().reshape(embed_dim).clone()
+        self.register_buffer("no_mask_embed", nma)
+        self.register_buffer("alphas_cumprod", self._alphas_cumprod(schedule, timesteps))
+        g = torch.Generator().manual_seed(noise_seed)
+        self.register_buffer("eval_noise", torch.randn(embed_dim, embedding_size, embedding_size, generator=g))
+
+    @staticmethod
+    def _alphas_cumprod(schedule: str, T: int) -> torch.Tensor:
+        if schedule == "linear":  # DDPM's beta range over T steps (alpha_bar_T ~ 0.36 at T = 100)
+            betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+            return torch.cumprod(1 - betas, 0).float()
+        if schedule == "cosine":
+            s = 0.008
+            steps = torch.arange(T + 1, dtype=torch.float64) / T
+            f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+            return (f[1:] / f[0]).clamp(min=1e-5).float()
+        # additive (authors): x_t = x_0 + sum_{k<t} eps_k/(k+1); variance of the sum, kept in the same buffer
+        return torch.cumsum(1.0 / torch.arange(1, T + 1, dtype=torch.float64) ** 2, 0).float()
+
+    # ---- forward diffusion -------------------------------------------------------------
+    def diffuse(self, x0: torch.Tensor, cmap: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Sample q(x_t | x_0, c) in closed form: the T-step chain at no extra cost."""
+        idx = (t - 1).clamp(0, self.timesteps - 1)
+        a = self.alphas_cumprod[idx].view(-1, 1, 1, 1)
+        if self.schedule == "additive":
+            return x0 + a.sqrt() * noise + t.view(-1, 1, 1, 1).float() * cmap / self.timesteps
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise + cmap
+
+    def _steps_and_noise(self, x: torch.Tensor, noise: torch.Tensor | None, t: torch.Tensor | None):
+        b = x.shape[0]
+        if t is None:
+            if self.training:
+                t = torch.randint(1, self.timesteps + 1, (b,), device=x.device)
+            else:
+                t = torch.full((b,), self.eval_step, device=x.device, dtype=torch.long)
+        if noise is None:
+            noise = torch.randn_like(x) if self.training else self.eval_noise.to(x.dtype).expand_as(x)
+        return t, noise
+
+    # ---- reverse network ---------------------------------------------------------------
+    def condition(self, class_ids: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class vector (with the step embedding) and class map (B,1,64,64)."""
+        if class_ids.min() < 1 or class_ids.max() > self.num_classes:
+            raise ValueError(f"class ids must be in 1..{self.num_classes}, got {class_ids.tolist()}")
+        vec = self.class_embed(class_ids - 1)
+        cmap = self.class_map(vec).view(-1, 1, self.size, self.size)
+        if self.use_diffusion:
+            vec = vec + self.time_embed(_timestep_embedding(t, vec.shape[1]))
+        return vec, cmap
+
+    def trunk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class-independent part of the shared-trunk layout: run once per slice."""
+        s1 = self.enc1(x)
+        return s1, self.enc2(s1)
+
+    def heads(self, s1, s2, vec, cmap) -> Prompts:
+        mid_in = torch.cat([s2, cmap], 1) if self.layout == "shared_trunk" else s2
+        mid = self.mid(mid_in)
+        gamma, beta = self.film(vec).chunk(2, 1)
+        mid = mid * (1 + gamma[:, :, None, None]) + beta[:, :, None, None]
+        b = mid.shape[0]
+        if "dense" in self.branches:
+            dense = self.dense_branch(mid, s2, s1, cmap) + self.no_mask_embed.view(1, -1, 1, 1)
+        else:
+            dense = self.no_mask_embed.view(1, -1, 1, 1).expand(b, -1, self.size, self.size)
+        if "sparse" in self.branches:
+            feats = self.sparse_branch(mid, s2, s1, vec)  # (B,256,64,64)
+            attn = self.token_pool(feats).flatten(2).softmax(-1)  # (B,2,HW)
+            sparse = torch.einsum("bkn,bcn->bkc", attn, feats.flatten(2))
+        else:
+            sparse = mid.new_zeros(b, 0, self.embed_dim)
+        presence = self.presence_head(torch.cat([mid.mean((2, 3)), vec], 1)).squeeze(1)
+        return Prompts(sparse=sparse, dense=dense, presence_logit=presence)
+
+    def forward(self, embeddings: torch.Tensor, class_ids: torch.Tensor, noise: torch.Tensor | None = None,
+                t: torch.Tensor | None = None) -> Prompts:
+        class_ids = torch.as_tensor(class_ids, device=embeddings.device).long().reshape(-1)
+        if class_ids.numel() != embeddings.shape[0]:
+            raise ValueError(f"need one class id per embedding: {class_ids.numel()} ids, {embeddings.shape[0]} embeddings")
+        x = embeddings.float() * self.embedding_scale
+        t, noise = self._steps_and_noise(x, noise, t)
+        vec, cmap = self.condition(class_ids, t)
+        if self.use_diffusion:
+            x = self.diffuse(x, cmap if self.layout == "authors" else torch.zeros_like(cmap), t, noise)
+        if self.layout == "authors":
+            x = torch.cat([x, cmap], 1)
+        s1, s2 = self.trunk(x)
+        return self.heads(s1, s2, vec, cmap)
+
+    def forward_classes(self, embeddings: torch.Tensor, class_ids: list[int] | torch.Tensor,
+                        noise: torch.Tensor | None = None) -> Prompts:
+        """Prompts for every class in ``class_ids`` for each embedding; output batch is B*K, class-major
+        within each embedding. The shared-trunk layout runs its trunk once per embedding."""
+        ids = torch.as_tensor(class_ids, device=embeddings.device).long().reshape(-1)
+        b, k = embeddings.shape[0], ids.numel()
+        rep_ids = ids.repeat(b)
+        if self.layout == "authors":
+            rep = embeddings.repeat_interleave(k, 0)
+            rep_noise = None if noise is None else noise.repeat_interleave(k, 0)
+            return self(rep, rep_ids, noise=rep_noise)
+        x = embeddings.float() * self.embedding_scale
+        t, noise = self._steps_and_noise(x, noise, None)
+        if self.use_diffusion:
+            x = self.diffuse(x, torch.zeros_like(x[:, :1]), t, noise)
+        s1, s2 = self.trunk(x)
+        t_rep = t.repeat_interleave(k)
+        vec, cmap = self.condition(rep_ids, t_rep)
+        return self.heads(s1.repeat_interleave(k, 0), s2.repeat_interleave(k, 0), vec, cmap)
