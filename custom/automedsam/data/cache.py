@@ -1,0 +1,460 @@
+"""On-disk cache of frozen-encoder embeddings (and the box-prompted teacher) per slice.
+
+The image encoder is the expensive step (~1.5-2 s per slice on a laptop CPU), so training
+runs it once per slice and trains on this cache. One file per slice holds:
+
+* ``embedding``: the (256,64,64) image embedding, fp16;
+* per class present in the slice's label: the low-res (256x256) GT mask (bit-packed), the GT
+  box in backbone-input pixels and the box-prompted teacher's low-res logits (fp16);
+* the slice geometry (:class:`~automedsam.data.preprocess.InputGeometry`).
+
+A slice's key is the sha256 of everything its numbers depend on: cache format, backbone
+name and checkpoint sha256, preprocessing key, orientation, input file content sha256,
+label file content sha256 and label mapping, slice index. Changed files or settings give new
+keys, so nothing is ever served stale. Files are written atomically (temporary name +
+``os.replace``) and carry a sha256 of their payload, checked on every read: a corrupt file
+is detected and recomputed. ``build`` skips finished slices, so a killed run resumes.
+
+Small per-case records (``cases/*.json``: slice count and classes present per slice, from
+the label alone) let datasets enumerate samples without touching the big files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..classes import CLASS_IDS, DATASET_LABELS, label_to_classes
+from .io import content_sha256, load_image, load_label
+from .preprocess import LOW_RES, InputGeometry, PreprocessConfig, mask_to_box, mask_to_input, mask_to_low_res, \
+    to_backbone_input
+
+__all__ = ["CACHE_FORMAT", "CacheError", "EmbeddingCache", "build_cache", "file_sha256"]
+
+CACHE_FORMAT = 1  # bump when the file layout or what is stored changes
+_MAGIC = b"AUTOMEDSAM-CACHE-1\n"
+
+
+class CacheError(RuntimeError):
+    """A cache entry is missing or corrupt (and could not be recomputed here)."""
+
+
+_SHA_MEMO: dict[tuple, str] = {}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Content sha256 of a file or folder, memoised on (path, size, mtime) within the process."""
+    p = Path(path)
+    st = p.stat()
+    if p.is_dir():
+        stamp = tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in p.rglob("*") if f.is_file()))
+    else:
+        stamp = (st.st_size, st.st_mtime_ns)
+    memo_key = (str(p.resolve()), stamp)
+    if memo_key not in _SHA_MEMO:
+        _SHA_MEMO[memo_key] = content_sha256(p)
+    return _SHA_MEMO[memo_key]
+
+
+def _sha_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _label_rules(dataset: str) -> dict:
+    """The label mapping of a dataset, with the class ids it produces (part of the keys)."""
+    rules = DATASET_LABELS[dataset]
+    return {name: {"id": CLASS_IDS[name], **rule} for name, rule in rules.items()}
+
+
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    """Write to a fresh temporary name in the same folder (umask permissions), then os.replace."""
+    import uuid
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+class EmbeddingCache:
+    """Slice embeddings + teacher outputs on disk, keyed by content.
+
+    Args:
+        root: cache folder (created).
+        backbone: a :class:`~automedsam.backbones.SamBackbone` or a backbone name (built lazily,
+            only when something has to be computed).
+        preprocess: intensity/resize parameters; its ``modality`` is replaced per entry by the
+            entry's modality, its ``size`` must be the backbone's input size (default: it is).
+        checkpoint: checkpoint path when ``backbone`` is a name (None: packaged LiteMedSAM).
+        orientation: volume orientation passed to :func:`~automedsam.data.io.load_image`.
+        teacher: also store the box-prompted teacher's low-res logits per present class.
+        device: where the encoder runs (default: CUDA when available).
+    """
+
+    def __init__(self, root: str | os.PathLike, backbone="lite_medsam", preprocess: PreprocessConfig | None = None,
+                 checkpoint: str | os.PathLike | None = None, orientation: str | None = "LPS", teacher: bool = True,
+                 device: str | torch.device | None = None):
+        from ..backbones import BACKBONES, IMAGE_SIZE, default_lite_medsam_checkpoint
+
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        if isinstance(backbone, str):
+            if backbone not in BACKBONES:
+                raise ValueError(f"unknown backbone '{backbone}'; valid: {', '.join(BACKBONES)}")
+            self.backbone_name = backbone
+            self._backbone = None
+            if checkpoint is None and backbone == "lite_medsam":
+                checkpoint = default_lite_medsam_checkpoint()
+            if checkpoint is None:
+                raise ValueError(f"backbone {backbone} needs a checkpoint path")
+            self.checkpoint = str(checkpoint)
+        else:
+            self.backbone_name = backbone.name
+            self._backbone = backbone
+            self.checkpoint = str(checkpoint or backbone.checkpoint)
+        size = IMAGE_SIZE[self.backbone_name]
+        preprocess = preprocess or PreprocessConfig(size=size)
+        if preprocess.size != size:
+            raise ValueError(f"preprocess size {preprocess.size} does not match {self.backbone_name}'s input {size}")
+        self.preprocess = preprocess
+        self.orientation = orientation
+        self.teacher = bool(teacher)
+        self.device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        self._checkpoint_sha: str | None = None
+        self.stats = {"encoded": 0, "corrupt": 0}
+
+    def __getstate__(self):
+        # DataLoader workers only read: do not ship the model; it is rebuilt lazily if needed.
+        state = dict(self.__dict__)
+        state["_backbone"] = None
+        return state
+
+    # ---------------------------------------------------------------- keys
+
+    @property
+    def backbone(self):
+        if self._backbone is None:
+            from ..backbones import build_backbone
+
+            self._backbone = build_backbone(self.backbone_name, self.checkpoint)
+        return self._backbone
+
+    @property
+    def checkpoint_sha256(self) -> str:
+        if self._checkpoint_sha is None:
+            self._checkpoint_sha = file_sha256(self.checkpoint)
+        return self._checkpoint_sha
+
+    def config_for(self, entry: dict) -> PreprocessConfig:
+        return self.preprocess.with_modality(entry["modality"])
+
+    def _hashes(self, entry: dict) -> dict:
+        label = entry.get("label")
+        return {"image": file_sha256(entry["image"]), "label": file_sha256(label) if label else None,
+                "dataset": entry["dataset"], "rules": _sha_json(_label_rules(entry["dataset"])),
+                "orientation": self.orientation}
+
+    def case_key(self, entry: dict) -> str:
+        return _sha_json({"format": CACHE_FORMAT, **self._hashes(entry)})[:40]
+
+    def slice_key(self, entry: dict, index: int) -> str:
+        """The content key of one slice (all that its cached numbers depend on)."""
+        return _sha_json({
+            "format": CACHE_FORMAT, "backbone": self.backbone_name, "checkpoint": self.checkpoint_sha256,
+            "preprocess": self.config_for(entry).key(), "teacher": self.teacher, "slice": int(index),
+            **self._hashes(entry),
+        })[:48]
+
+    def path_for(self, key: str) -> Path:
+        return self.root / "slices" / key[:2] / f"{key}.npc"
+
+    # ---------------------------------------------------------------- case records
+
+    def case_record(self, entry: dict, label_slices: np.ndarray | None = None, n_slices: int | None = None) -> dict:
+        """{num_slices, classes: [[class ids present] per slice], ...} from the label alone (cached)."""
+        path = self.root / "cases" / f"{self.case_key(entry)}.json"
+        if path.is_file():
+            try:
+                rec = json.loads(path.read_text())
+                if rec.get("format") == CACHE_FORMAT:
+                    return rec
+            except (json.JSONDecodeError, OSError):
+                pass  # rewrite below
+        if entry.get("label"):
+            if label_slices is None:
+                like = load_image(entry["image"], orientation=self.orientation)
+                label_slices = load_label(entry["label"], like)
+            classes = [sorted(int(c) for c, m in label_to_classes(lab, entry["dataset"]).items() if m.any())
+                       for lab in label_slices]
+        else:
+            if n_slices is None:
+                n_slices = load_image(entry["image"], orientation=self.orientation).num_slices
+            classes = [[] for _ in range(n_slices)]
+        rec = {"format": CACHE_FORMAT, "image": str(entry["image"]), "label": entry.get("label"),
+               "dataset": entry["dataset"], "modality": entry["modality"], "num_slices": len(classes),
+               "classes": classes}
+        _atomic_bytes(path, json.dumps(rec).encode())
+        return rec
+
+    @staticmethod
+    def select_slices(record: dict, slice_step: int = 1, only_labelled_slices: bool = False) -> list[int]:
+        """Slice indices k with k % slice_step == 0 (and a labelled class when asked)."""
+        step = max(1, int(slice_step))
+        return [k for k in range(record["num_slices"])
+                if k % step == 0 and (not only_labelled_slices or record["classes"][k])]
+
+    # ---------------------------------------------------------------- files
+
+    def _encode_file(self, key: str, arrays: dict[str, np.ndarray], meta: dict) -> bytes:
+        buf = io.BytesIO()
+        np.savez(buf, meta=np.array(json.dumps({"key": key, **meta})), **arrays)
+        payload = buf.getvalue()
+        return _MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload
+
+    def load(self, key: str) -> dict:
+        """The arrays of a cached slice; raises CacheError if missing or corrupt."""
+        path = self.path_for(key)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise CacheError(f"cache entry {key} not found ({path})") from None
+        head = len(_MAGIC) + 65
+        if len(data) < head or not data.startswith(_MAGIC):
+            raise CacheError(f"corrupt cache entry {path}: bad header")
+        digest, payload = data[len(_MAGIC):head - 1].decode("ascii", "replace"), data[head:]
+        if hashlib.sha256(payload).hexdigest() != digest:
+            raise CacheError(f"corrupt cache entry {path}: checksum mismatch")
+        try:
+            with np.load(io.BytesIO(payload), allow_pickle=False) as z:
+                out = {k: z[k] for k in z.files}
+            meta = json.loads(str(out.pop("meta")))
+        except Exception as e:  # noqa: BLE001 - any decoding problem is corruption
+            raise CacheError(f"corrupt cache entry {path}: {type(e).__name__}") from e
+        if meta.get("key") != key:
+            raise CacheError(f"corrupt cache entry {path}: holds key {meta.get('key')}")
+        out["meta"] = meta
+        out["masks"] = np.unpackbits(out["masks"], axis=-1, count=LOW_RES * LOW_RES).reshape(-1, LOW_RES, LOW_RES) \
+            if out["masks"].size else np.zeros((0, LOW_RES, LOW_RES), np.uint8)
+        out["geometry"] = InputGeometry.from_array(out["geometry"])
+        return out
+
+    def is_valid(self, key: str, verify: bool = True) -> bool:
+        """Whether a finished entry exists (with ``verify``: and passes its checksum)."""
+        path = self.path_for(key)
+        if not path.is_file():
+            return False
+        if not verify:
+            return True
+        try:
+            self.load(key)
+            return True
+        except CacheError:
+            self.stats["corrupt"] += 1
+            return False
+
+    def get(self, entry: dict, index: int, recompute: bool = True) -> dict:
+        """A cached slice; a missing or corrupt entry is recomputed (``recompute``) or raises."""
+        key = self.slice_key(entry, index)
+        try:
+            return self.load(key)
+        except CacheError:
+            if not recompute:
+                raise
+        self._compute_case(entry, [index], batch_size=1)
+        return self.load(key)
+
+    # ---------------------------------------------------------------- computing
+
+    @torch.inference_mode()
+    def _compute_case(self, entry: dict, indices: Sequence[int], batch_size: int = 4, on_done=None,
+                      loaded=None) -> None:
+        """Encode ``indices`` of one case and write their files."""
+        cfg = self.config_for(entry)
+        img = loaded[0] if loaded else load_image(entry["image"], orientation=self.orientation)
+        labels = loaded[1] if loaded else (load_label(entry["label"], img) if entry.get("label") else None)
+        x = cfg.normalise(img.slices)  # whole volume: MR percentiles need it
+        bb = self.backbone
+        if next(bb.parameters()).device != self.device:
+            bb.to(self.device)
+        rules = entry["dataset"]
+        for start in range(0, len(indices), max(1, int(batch_size))):
+            chunk = list(indices[start:start + max(1, int(batch_size))])
+            inputs, infos = zip(*(to_backbone_input(x[k], cfg.size) for k in chunk))
+            emb = bb.encode(torch.stack(inputs).to(self.device)).float()
+            self.stats["encoded"] += len(chunk)
+            for j, k in enumerate(chunk):
+                info = infos[j]
+                class_masks = label_to_classes(labels[k], rules) if labels is not None else {}
+                cids, boxes, masks = [], [], []
+                for cid, m in sorted(class_masks.items()):
+                    if not m.any():
+                        continue
+                    box = mask_to_box(mask_to_input(m, info))
+                    if box is None:  # vanished when resized (a few pixels)
+                        continue
+                    cids.append(cid)
+                    boxes.append(box)
+                    masks.append(mask_to_low_res(m, info))
+                arrays = {
+                    "embedding": emb[j].cpu().numpy().astype(np.float16),
+                    "geometry": info.to_array(),
+                    "class_ids": np.asarray(cids, dtype=np.int16),
+                    "boxes": np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+                    "masks": np.packbits(np.asarray(masks, dtype=np.uint8).reshape(len(cids), LOW_RES * LOW_RES),
+                                         axis=-1),  # (K, 8192); K may be 0
+                }
+                if self.teacher:
+                    if cids:
+                        sparse, dense = bb.prompt(boxes=torch.as_tensor(np.stack(boxes), device=self.device))
+                        logits, iou = bb.decode(emb[j:j + 1], sparse, dense)
+                        arrays["teacher"] = logits[:, 0].float().clamp(-6e4, 6e4).cpu().numpy().astype(np.float16)
+                        arrays["teacher_iou"] = iou[:, 0].float().cpu().numpy()
+                    else:
+                        arrays["teacher"] = np.zeros((0, LOW_RES, LOW_RES), np.float16)
+                        arrays["teacher_iou"] = np.zeros((0,), np.float32)
+                key = self.slice_key(entry, k)
+                meta = {"case": entry.get("case", entry["image"]), "image": str(entry["image"]), "slice": int(k),
+                        "backbone": self.backbone_name, "preprocess": cfg.key(), "class_ids": cids}
+                _atomic_bytes(self.path_for(key), self._encode_file(key, arrays, meta))
+                if on_done is not None:
+                    on_done(k)
+
+    def _clean_tmp(self, older_than_s: float = 3600.0) -> None:
+        now = time.time()
+        for tmp in (self.root / "slices").glob("*/.tmp-*"):
+            try:
+                if now - tmp.stat().st_mtime > older_than_s:
+                    tmp.unlink()
+            except FileNotFoundError:
+                pass
+
+    def build(self, entries: Iterable[dict], slice_step: int = 1, only_labelled_slices: bool = False,
+              batch_size: int = 4, rank: int = 0, world_size: int = 1, verify: bool = True,
+              progress: bool = True, max_slices: int | None = None) -> dict:
+        """Compute every missing slice of ``entries`` (this rank's share); returns counts.
+
+        Finished slices are skipped (with ``verify`` their checksums are checked first and
+        corrupt ones recomputed), so a killed run resumes where it stopped. Slices are shared
+        between ranks by key (``int(key) % world_size == rank``). ``max_slices`` stops after
+        that many computed slices (a budget).
+        """
+        from tqdm.auto import tqdm
+
+        if not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        entries = list(entries)
+        self._clean_tmp()
+        corrupt_before = self.stats["corrupt"]
+        plan, total, done = [], 0, 0
+        scan = tqdm(entries, desc="checking cache", unit="case", disable=not progress or len(entries) < 20,
+                    leave=False)
+        for entry in scan:
+            rec = self.case_record(entry)
+            ks = self.select_slices(rec, slice_step, only_labelled_slices)
+            mine = [k for k in ks if int(self.slice_key(entry, k)[:15], 16) % world_size == rank]
+            todo = [k for k in mine if not self.is_valid(self.slice_key(entry, k), verify=verify)]
+            total += len(mine)
+            done += len(mine) - len(todo)
+            if todo:
+                plan.append((entry, todo))
+        pending = sum(len(t) for _, t in plan)
+        if max_slices is not None:
+            pending = min(pending, int(max_slices))
+        stats = {"slices": total, "cached": done, "computed": 0, "corrupt_recomputed": self.stats["corrupt"] -
+                 corrupt_before, "rank": rank, "world_size": world_size, "cache_dir": str(self.root)}
+        bar = tqdm(total=pending, desc=f"encoding slices (rank {rank}/{world_size})" if world_size > 1
+                   else "encoding slices", unit="slice", disable=not progress, dynamic_ncols=True)
+        t0 = time.time()
+
+        def tick(_k):
+            stats["computed"] += 1
+            bar.update(1)
+
+        try:
+            for entry, todo in plan:
+                left = pending - stats["computed"]
+                if left <= 0:
+                    break
+                self._compute_case(entry, todo[:left], batch_size=batch_size, on_done=tick)
+        finally:
+            bar.close()
+        stats["seconds"] = round(time.time() - t0, 2)
+        stats["remaining"] = total - done - stats["computed"]
+        return stats
+
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in (self.root / "slices").glob("*/*.npc"))
+
+
+def _dist_rank() -> tuple[int, int]:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+    except Exception:  # noqa: BLE001
+        pass
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def build_cache(datalist: str | Sequence[str], base_dir: str | None = None, cache_dir: str = "cache",
+                backbone: str = "lite_medsam", checkpoint: str | None = None, max_cases: int | None = None,
+                slice_step: int = 1, only_labelled_slices: bool = False, split: str = "training",
+                batch_size: int = 4, rank: int | None = None, world_size: int | None = None,
+                device: str | None = None, ct_level: float = 40.0, ct_width: float = 400.0,
+                mr_lower: float = 0.5, mr_upper: float = 99.5, orientation: str | None = "LPS",
+                teacher: bool = True, verify: bool = True, progress: bool = True) -> dict:
+    """Fill the embedding cache for one or more datalists (the ``automedsam cache`` command).
+
+    Args:
+        datalist: datalist name(s) or JSON path(s); several as a list or comma-separated.
+        base_dir: data folder the datalist paths are relative to (default: $AUTOMEDSAM_DATA
+            or ../shared/data).
+        cache_dir: where the cache lives.
+        max_cases: only the first N cases of each datalist split.
+        slice_step: every k-th slice of volumes; only_labelled_slices: skip slices without a class.
+        split: "training", "validation", "testing", comma-separated, or "all".
+        rank, world_size: share the work between processes (default: torch.distributed or
+            $RANK/$WORLD_SIZE).
+    Returns: counts (slices, cached, computed, corrupt_recomputed, seconds, ...).
+    """
+    from .datalist import load_datalist
+
+    if rank is None or world_size is None:
+        r, w = _dist_rank()
+        rank = r if rank is None else rank
+        world_size = w if world_size is None else world_size
+    names = [d.strip() for d in datalist.split(",")] if isinstance(datalist, str) else list(datalist)
+    entries = []
+    for name in names:
+        es = load_datalist(name, base_dir=base_dir, split=split)
+        entries.extend(es[:max_cases] if max_cases else es)
+    from ..backbones import IMAGE_SIZE
+
+    cfg = PreprocessConfig(ct_level=ct_level, ct_width=ct_width, mr_lower=mr_lower, mr_upper=mr_upper,
+                           size=IMAGE_SIZE[backbone])
+    cache = EmbeddingCache(cache_dir, backbone=backbone, preprocess=cfg, checkpoint=checkpoint,
+                           orientation=orientation, teacher=teacher, device=device)
+    stats = cache.build(entries, slice_step=slice_step, only_labelled_slices=only_labelled_slices,
+                        batch_size=batch_size, rank=rank, world_size=world_size, verify=verify, progress=progress)
+    stats["cases"] = len(entries)
+    return stats

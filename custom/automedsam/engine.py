@@ -1,0 +1,209 @@
+"""Glue between AutoMedSAM and MONAI's engines (``SupervisedTrainer``/``SupervisedEvaluator``).
+
+Training and validation run on the embedding cache: a batch is a dict with ``embedding``
+(B,256,64,64), ``class_id`` (B,), ``mask`` (B,1,256,256) in the decoder's low-res grid,
+``present`` (B,), ``teacher`` (B,1,256,256) box-prompted MedSAM logits and ``has_teacher`` (B,).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+import torch.nn as nn
+from ignite.engine import Events
+from ignite.metrics import Metric
+from monai.inferers import Inferer
+
+from .classes import CLASSES
+from .losses import UncertaintyWeightedLoss
+
+TARGET_KEYS = ("mask", "present", "teacher", "has_teacher", "class_id")
+
+
+def prepare_batch(batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
+    """(inputs, targets, args, kwargs) for MONAI's engines: embeddings in, a dict of targets out."""
+    inputs = batchdata["embedding"].to(device=device, dtype=torch.float32, non_blocking=non_blocking)
+    targets = {k: batchdata[k].to(device=device, non_blocking=non_blocking) for k in TARGET_KEYS if k in batchdata}
+    return inputs, targets, (), {"class_ids": targets["class_id"]}
+
+
+class ClassPromptTrainInferer(Inferer):
+    """Training forward: raw outputs the joint loss needs."""
+
+    def __call__(self, inputs: torch.Tensor, network: nn.Module, class_ids=None, **kwargs) -> dict:
+        pred = network(embeddings=inputs, class_ids=class_ids)
+        return {"logits": pred.logits, "presence_logit": pred.presence_logit, "iou": pred.iou}
+
+
+class ClassPromptEvalInferer(Inferer):
+    """Validation forward: presence-blanked probabilities (B,1,256,256) in the low-res grid."""
+
+    def __call__(self, inputs: torch.Tensor, network: nn.Module, class_ids=None, **kwargs) -> torch.Tensor:
+        return network(embeddings=inputs, class_ids=class_ids).probabilities()
+
+
+class EngineLoss(nn.Module):
+    """``loss_function(pred, targets)`` for the engines, around :class:`UncertaintyWeightedLoss`.
+    Keeps the last components so that :class:`LossWeightsHandler` can log them."""
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.loss = UncertaintyWeightedLoss(**kwargs)
+        self.last: dict[str, float] = {}
+
+    def forward(self, pred: dict, targets: dict) -> torch.Tensor:
+        parts = self.loss.components(pred["logits"], targets["mask"], pred["presence_logit"], targets.get("present"),
+                                     targets.get("teacher"), targets.get("has_teacher"))
+        self.last = {k: float(v.detach()) for k, v in parts.items()}
+        return self.loss.combine(parts)
+
+
+class LossWeightsHandler:
+    """Puts the learned loss weights exp(-s_i) and the last loss components into
+    ``engine.state.metrics`` (so ``StatsHandler``/``TensorBoardStatsHandler``/MLflow log them)."""
+
+    def __init__(self, loss: EngineLoss):
+        self.loss = loss
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        for k, w in self.loss.loss.weights().items():
+            engine.state.metrics[f"weight_{k}"] = w
+        for k, v in self.loss.last.items():
+            engine.state.metrics[f"loss_{k}"] = v
+
+
+def slice_dice(pred: np.ndarray, gt: np.ndarray) -> float:
+    s = pred.sum() + gt.sum()
+    return 1.0 if s == 0 else float(2.0 * np.logical_and(pred, gt).sum() / s)
+
+
+def slice_nsd(pred: np.ndarray, gt: np.ndarray, tolerance: float, spacing=None) -> float:
+    """Normalised surface Dice of two 2D/3D binary masks (MONAI's implementation)."""
+    from monai.metrics import compute_surface_dice
+
+    if not gt.any() and not pred.any():
+        return 1.0
+    if not gt.any() or not pred.any():
+        return 0.0
+    p = torch.as_tensor(pred[None, None].astype(np.float32))
+    g = torch.as_tensor(gt[None, None].astype(np.float32))
+    p = torch.cat([1 - p, p], 1)
+    g = torch.cat([1 - g, g], 1)
+    val = compute_surface_dice(p, g, class_thresholds=[tolerance], include_background=False, spacing=spacing)
+    return float(val.reshape(-1)[0])
+
+
+def _pred_and_label(output: dict) -> tuple:
+    return output["pred"], output["label"]
+
+
+class PerClassSliceMetrics(Metric):
+    """Per class: Dice and NSD on slices where the class is present, and the fraction of slices
+    where it is absent that are answered with an empty mask. ``compute`` returns a dict;
+    ignite puts each entry into ``engine.state.metrics`` and ``mean_dice`` is the key metric."""
+
+    def __init__(self, threshold: float = 0.5, nsd_tolerance: float = 2.0, output_transform=None, device="cpu"):
+        self.threshold = threshold
+        self.nsd_tolerance = nsd_tolerance
+        super().__init__(output_transform=output_transform or _pred_and_label, device=device)
+
+    def reset(self) -> None:
+        self.dice = defaultdict(list)
+        self.nsd = defaultdict(list)
+        self.empty = defaultdict(list)
+
+    def update(self, output) -> None:
+        pred, targets = output
+        probs = torch.as_tensor(pred).detach().cpu().numpy()
+        gts = targets["mask"].detach().cpu().numpy() > 0.5
+        ids = targets["class_id"].detach().cpu().numpy().reshape(-1)
+        for p, g, c in zip(probs, gts, ids):
+            pm = p[0] > self.threshold
+            gm = g[0]
+            self.add(int(c), pm, gm)
+
+    def add(self, cid: int, pm: np.ndarray, gm: np.ndarray) -> None:
+        if gm.any():
+            self.dice[cid].append(slice_dice(pm, gm))
+            self.nsd[cid].append(slice_nsd(pm, gm, self.nsd_tolerance))
+        else:
+            self.empty[cid].append(float(not pm.any()))
+
+    def compute(self) -> dict:
+        out = {}
+        for cid in sorted(set(self.dice) | set(self.empty)):
+            name = CLASSES[cid]
+            if self.dice[cid]:
+                out[f"dice_{name}"] = float(np.mean(self.dice[cid]))
+                out[f"nsd_{name}"] = float(np.mean(self.nsd[cid]))
+            if self.empty[cid]:
+                out[f"empty_{name}"] = float(np.mean(self.empty[cid]))
+        dices = [v for k, v in out.items() if k.startswith("dice_")]
+        out["mean_dice"] = float(np.mean(dices)) if dices else 0.0
+        return out
+
+    def completed(self, engine, name: str) -> None:
+        result = self.compute()
+        engine.state.metrics.update(result)
+        engine.state.metrics[name] = result["mean_dice"]
+
+
+def trainable_parameters(network: nn.Module, loss: nn.Module | None = None) -> list[nn.Parameter]:
+    """What the optimiser steps: the network's unfrozen parameters and the loss's learned weights."""
+    params = [p for p in network.parameters() if p.requires_grad]
+    if loss is not None:
+        params += [p for p in loss.parameters() if p.requires_grad]
+    return params
+
+
+class TrainableState:
+    """Checkpoint view of AutoMedSAM holding only what training changes (the frozen backbone
+    comes from its package or file), for MONAI's ``CheckpointSaver``/``CheckpointLoader``."""
+
+    def __init__(self, network: nn.Module):
+        self.network = network
+
+    def _net(self):
+        return getattr(self.network, "module", self.network)  # unwrap DistributedDataParallel
+
+    def state_dict(self) -> dict:
+        return self._net().trainable_state_dict()
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        self._net().load_trainable(state)
+
+
+class EpochSampling:
+    """Redraw the dataset's negative subsample (``set_epoch``) and the distributed sampler's
+    shuffle at the start of every epoch."""
+
+    def __init__(self, dataset, sampler=None):
+        self.dataset = dataset
+        self.sampler = sampler
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine) -> None:
+        epoch = engine.state.epoch
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        if self.sampler is not None and hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    """The newest epoch checkpoint a training run left in ``output_dir`` (None: start afresh)."""
+    import glob
+    import os
+    import re
+
+    found = glob.glob(os.path.join(output_dir, "checkpoint_epoch=*.pt"))
+    if not found:
+        return None
+    return max(found, key=lambda p: int(re.search(r"epoch=(\d+)", p).group(1)))

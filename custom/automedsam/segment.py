@@ -1,0 +1,957 @@
+"""Segment files by class name: the Python API behind ``automedsam segment``.
+
+Two levels:
+
+* :func:`segment` - files or folders in, files out (label map, overlay, JSON report, and for
+  DICOM input a DICOM-SEG); returns one result dict per input.
+* :class:`Segmenter` - holds the loaded network (loaded once); :meth:`Segmenter.segment_file`
+  returns arrays without writing anything, :meth:`Segmenter.write` writes them.
+
+Each 2D slice is encoded once by MedSAM's image encoder whatever the number of classes; every
+class is then decoded from that embedding (:class:`automedsam.inferer.ClassPromptInferer`).
+
+Output names follow the input's stem (``ct.nii.gz`` -> ``ct``; a DICOM series folder -> the
+folder's name)::
+
+    <stem>_seg.nii.gz | <stem>_seg.png     uint8 label map, ids from classes.CLASSES
+    <stem>_overlay.png                     contours on the most covered (or middle) slice
+    <stem>_report.json                     per-class statistics, timings, model
+    <stem>_seg.dcm                         DICOM-SEG (DICOM input only, when a class was found)
+    <stem>_uncertainty.nii.gz | .png       per-pixel spread over noise draws (``uncertainty=N``)
+
+Every file is first written under a temporary name in the output folder and only renamed into
+place when all of an input's outputs were written, so a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .classes import CLASSES, MODALITY_CLASSES, check_modality, class_id, classes_not_fitting, parse_classes
+from .data.io import (DICOM_SUFFIXES, IMAGE_2D_SUFFIXES, NPZ_SUFFIXES, VOLUME_SUFFIXES, InputError, LoadedImage,
+                      list_dicom_series, load_image)
+
+__all__ = [
+    "segment",
+    "Segmenter",
+    "SegmentationResult",
+    "SegmentError",
+    "InputItem",
+    "resolve_inputs",
+    "guess_modality",
+    "parse_box",
+    "parse_points",
+    "output_paths",
+    "OUTPUT_KINDS",
+]
+
+# output kind -> file name suffix after the stem
+OUTPUT_KINDS = {
+    "seg_nifti": "_seg.nii.gz",
+    "seg_png": "_seg.png",
+    "overlay": "_overlay.png",
+    "report": "_report.json",
+    "dicom_seg": "_seg.dcm",
+    "uncertainty_nifti": "_uncertainty.nii.gz",
+    "uncertainty_png": "_uncertainty.png",
+}
+UNCERTAINTY_PNG_SCALE = 510.0  # PNG value = std * 510 (a probability's std is at most 0.5)
+_INPUT_SUFFIXES = IMAGE_2D_SUFFIXES + VOLUME_SUFFIXES + NPZ_SUFFIXES
+
+
+class SegmentError(ValueError):
+    """A run-level problem (bad option, outputs in the way, no inputs); one-line message."""
+
+
+# --------------------------------------------------------------------------------------------
+# inputs
+
+
+@dataclass
+class InputItem:
+    """One thing to segment: a file, or a DICOM series (a folder, plus its series UID when the
+    folder holds several)."""
+
+    path: Path
+    stem: str
+    series_uid: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.path} (series {self.series_uid})" if self.series_uid else str(self.path)
+
+
+def _strip_suffix(name: str) -> str:
+    low = name.lower()
+    for suf in sorted(_INPUT_SUFFIXES + DICOM_SUFFIXES, key=len, reverse=True):
+        if low.endswith(suf):
+            return name[: len(name) - len(suf)]
+    return Path(name).stem if "." in name else name
+
+
+def _safe_stem(text: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("._")
+    return s or "input"
+
+
+def _may_hold_dicom(folder: Path) -> bool:
+    """A cheap look: does the folder have files that could be DICOM (no known image suffix)?"""
+    for f in folder.iterdir():
+        if f.is_file() and not f.name.startswith("."):
+            low = f.name.lower()
+            if low.endswith(DICOM_SUFFIXES) or not low.endswith(_INPUT_SUFFIXES + (".txt", ".json", ".md", ".csv")):
+                return True
+    return False
+
+
+def _series_items(folder: Path) -> list[InputItem]:
+    series = list_dicom_series(folder)
+    if len(series) == 1:
+        return [InputItem(folder, _safe_stem(folder.name))]
+    return [InputItem(folder, _safe_stem(f"{folder.name}_{s['uid'][-8:]}"), s["uid"]) for s in series]
+
+
+def resolve_inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike],
+                   exclude: str | os.PathLike | None = None) -> tuple[list[InputItem], list[str]]:
+    """Expand inputs into :class:`InputItem`s, in order; returns (items, notes).
+
+    A file is one item (missing files too: they fail when read). A folder that holds DICOM image
+    files is one item per series; any other folder gives its image/volume/npz files and the
+    DICOM series in its direct sub-folders (other files are listed in ``notes``). Items whose
+    stems clash get their parent folder's name in front (then a number).
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    excl = Path(exclude).resolve() if exclude else None
+    items: list[InputItem] = []
+    notes: list[str] = []
+    for raw in inputs:
+        p = Path(str(raw))
+        if not p.is_dir():
+            items.append(InputItem(p, _safe_stem(_strip_suffix(p.name))))
+            continue
+        if _may_hold_dicom(p) and list_dicom_series(p):
+            items.extend(_series_items(p))
+            # other image files sitting beside the series are inputs too
+            items.extend(InputItem(f, _safe_stem(_strip_suffix(f.name))) for f in sorted(p.iterdir())
+                         if f.is_file() and f.name.lower().endswith(_INPUT_SUFFIXES) and not f.name.startswith("."))
+            continue
+        found, ignored = [], []
+        for f in sorted(p.iterdir()):
+            if f.name.startswith(".") or (excl is not None and f.resolve() == excl):
+                continue
+            if f.is_file():
+                if f.name.lower().endswith(_INPUT_SUFFIXES) or f.name.lower().endswith(DICOM_SUFFIXES):
+                    found.append(InputItem(f, _safe_stem(_strip_suffix(f.name))))
+                else:
+                    ignored.append(f.name)
+            elif f.is_dir() and _may_hold_dicom(f) and list_dicom_series(f):
+                found.extend(_series_items(f))
+        if ignored:
+            notes.append(f"{p}: ignored {len(ignored)} file(s) that are not images: {', '.join(ignored[:5])}"
+                         + (" ..." if len(ignored) > 5 else ""))
+        if not found:
+            notes.append(f"{p}: no images, volumes or DICOM series in this folder")
+        items.extend(found)
+    # unique stems: parent folder name in front of clashing ones, then a counter
+    by_stem: dict[str, list[InputItem]] = {}
+    for it in items:
+        by_stem.setdefault(it.stem, []).append(it)
+    for stem, group in by_stem.items():
+        if len(group) > 1:
+            for it in group:
+                it.stem = _safe_stem(f"{it.path.parent.name}_{stem}")
+    seen: dict[str, int] = {}
+    for it in items:
+        if it.stem in seen:
+            seen[it.stem] += 1
+            it.stem = f"{it.stem}_{seen[it.stem]}"
+        else:
+            seen[it.stem] = 1
+    return items, notes
+
+
+def output_paths(output_dir: str | os.PathLike, stem: str) -> dict[str, Path]:
+    """Every output name an input with this stem can have."""
+    out = Path(output_dir)
+    return {k: out / f"{stem}{suf}" for k, suf in OUTPUT_KINDS.items()}
+
+
+def _existing_outputs(output_dir, stem) -> list[Path]:
+    return [p for p in output_paths(output_dir, stem).values() if p.exists()]
+
+
+# --------------------------------------------------------------------------------------------
+# modality
+
+
+def guess_modality(loaded: LoadedImage) -> tuple[str, str]:
+    """(modality, how it was decided) from the DICOM Modality tag or the image's values.
+
+    Volumes with HU-like values (minimum <= -500, air near -1000) are CT; z-scored float
+    volumes (non-integer values) and positive-only volumes are MR; colour 2D images are
+    endoscopy, grey ones X-ray. Raises :class:`InputError` asking for ``--modality`` otherwise.
+    """
+    if loaded.modality_hint:
+        return loaded.modality_hint, f"DICOM Modality tag ({loaded.meta.get('dicom', {}).get('modality', '?')})"
+    s = loaded.slices
+    if not loaded.is_volume:
+        if s.shape[-1] == 3:
+            sample = s[0, ::4, ::4]
+            if float(np.abs(sample - sample[..., :1]).max()) > 2.0 * max(1e-6, float(np.ptp(sample))) / 255:
+                return "endoscopy", "colour 2D image"
+        return "xray", "grey 2D image"
+    lo, hi = (float(v) for v in loaded.meta.get("intensity_range", (s.min(), s.max())))
+    native_dtype = str(loaded.meta.get("native_dtype", s.dtype))
+    sample = s[:: max(1, s.shape[0] // 8), ::4, ::4].ravel()
+    integral = native_dtype.startswith(("int", "uint")) or bool(np.all(sample == np.round(sample)))
+    if lo <= -500 and hi > 0:
+        return "ct", f"HU-like values ({lo:g}..{hi:g})"
+    if not integral and lo < 0:
+        return "mr", f"z-scored float values ({lo:.3g}..{hi:.3g})"
+    if lo >= 0 and not (native_dtype == "uint8" or (integral and hi <= 255)):
+        return "mr", f"positive-only values ({lo:g}..{hi:g})"
+    raise _input_error(loaded.path, f"cannot guess the modality from the values ({native_dtype}, {lo:g}..{hi:g}); "
+                                    f"give it with --modality ct|mr|endoscopy|xray")
+
+
+def _input_error(path, problem: str) -> InputError:
+    return InputError(f"{path}: {' '.join(str(problem).split())}")
+
+
+# --------------------------------------------------------------------------------------------
+# interactive corrections
+
+
+@dataclass
+class Correction:
+    """A user box or point prompt in the input's pixel coordinates."""
+
+    kind: str  # "box" | "point"
+    values: tuple[float, ...]  # box: x0,y0,x1,y1 ; point: x,y
+    slice: int | None = None
+    label: int = 1  # points: 1 foreground, 0 background
+    class_name: str | None = None
+
+
+def _split_specs(spec) -> list:
+    if spec is None or spec == "" or spec == []:
+        return []
+    if isinstance(spec, str):
+        return [s.strip() for s in spec.split(";") if s.strip()]
+    if isinstance(spec, (list,)) or (isinstance(spec, tuple) and spec and not isinstance(spec[0], (int, float))):
+        out = []
+        for s in spec:
+            out.extend(_split_specs(s))
+        return out
+    return [spec]  # a tuple of numbers
+
+
+def _numbers_and_class(item, what: str) -> tuple[str | None, list[float]]:
+    cls = None
+    if isinstance(item, str):
+        text = item.strip()
+        if ":" in text:
+            cls, text = text.split(":", 1)
+            cls = cls.strip()
+        parts = [t for t in re.split(r"[,\s]+", text.strip("()[] ")) if t]
+        try:
+            nums = [float(t) for t in parts]
+        except ValueError:
+            raise SegmentError(f"bad {what} '{item}': expected numbers separated by commas") from None
+    else:
+        try:
+            nums = [float(t) for t in item]
+        except (TypeError, ValueError):
+            raise SegmentError(f"bad {what} {item!r}: expected numbers separated by commas") from None
+    return cls, nums
+
+
+def parse_box(spec) -> list[Correction]:
+    """``[class:]x0,y0,x1,y1[,slice]`` (several separated by ';', or a list) -> corrections."""
+    out = []
+    for item in _split_specs(spec):
+        cls, n = _numbers_and_class(item, "--box")
+        if len(n) not in (4, 5):
+            raise SegmentError(f"bad --box {item!r}: expected x0,y0,x1,y1[,slice] (4 or 5 numbers), got {len(n)}")
+        x0, y0, x1, y1 = n[:4]
+        if x1 < x0 or y1 < y0:
+            raise SegmentError(f"bad --box {item!r}: need x0 <= x1 and y0 <= y1")
+        out.append(Correction("box", (x0, y0, x1, y1), int(n[4]) if len(n) == 5 else None, 1, cls))
+    return out
+
+
+def parse_points(spec) -> list[Correction]:
+    """``[class:]x,y[,slice],label`` (label 1 foreground, 0 background; several separated by ';')."""
+    out = []
+    for item in _split_specs(spec):
+        cls, n = _numbers_and_class(item, "--point")
+        if len(n) not in (3, 4):
+            raise SegmentError(f"bad --point {item!r}: expected x,y[,slice],label (3 or 4 numbers), got {len(n)}")
+        label = n[-1]
+        if label not in (0, 1):
+            raise SegmentError(f"bad --point {item!r}: the last number is the label, 1 (object) or 0 (background)")
+        out.append(Correction("point", (n[0], n[1]), int(n[2]) if len(n) == 4 else None, int(label), cls))
+    return out
+
+
+class SliceMapper:
+    """Maps the input's own pixel coordinates (column x, row y, slice k of the voxel grid as
+    stored) to the slices AutoMedSAM works on (volumes are turned to LPS before slicing)."""
+
+    def __init__(self, loaded: LoadedImage):
+        self.n, (self.h, self.w) = loaded.num_slices, loaded.slice_shape
+        self.t = np.eye(4)
+        meta = loaded.meta
+        orient = meta.get("orientation")
+        if meta.get("layout") == "xyz" and orient and orient["target"] != orient["native"]:
+            # native voxel index -> oriented voxel index (a signed permutation)
+            oriented = np.asarray(meta["oriented_affine"], float)
+            self.t = np.round(np.linalg.inv(oriented) @ np.asarray(meta["native_affine"], float), 6)
+
+    @property
+    def slice_axis_kept(self) -> bool:
+        return abs(abs(self.t[2, 2]) - 1) < 1e-6
+
+    def to_slice(self, x: float, y: float, k: float) -> tuple[float, float, int]:
+        """(column, row, slice) of the working slices for input pixel (x, y) on slice k."""
+        v = self.t @ np.array([x, y, k, 1.0])
+        return float(v[0]), float(v[1]), int(round(v[2]))
+
+    def native_slice(self, s: int) -> int:
+        """The input's own slice number of working slice ``s`` (when the slice axis is kept)."""
+        if not self.slice_axis_kept:
+            return int(s)
+        return int(round((s - self.t[2, 3]) / self.t[2, 2]))
+
+
+def _corrections_to_prompts(corrections: Sequence[Correction], loaded: LoadedImage, default_class: int | None,
+                            ) -> dict[int, dict]:
+    """Corrections -> the inferer's prompts {class_id: {"box", "points", "slices"}} in slice pixels."""
+    mapper = SliceMapper(loaded)
+    prompts: dict[int, dict] = {}
+    for c in corrections:
+        if c.class_name:
+            cid = class_id(c.class_name)
+        elif default_class is not None:
+            cid = default_class
+        else:
+            raise SegmentError(f"--{c.kind} needs a class: prefix it (e.g. liver:{','.join(f'{v:g}' for v in c.values)}"
+                               f"...) or give --classes with exactly one class")
+        k = c.slice
+        if loaded.is_volume and loaded.num_slices > 1 and k is None:
+            raise SegmentError(f"--{c.kind} on a volume needs its slice number ({loaded.path} has "
+                               f"{loaded.num_slices} slices): x,y,...,slice")
+        k = 0 if k is None else k
+        native_shape = loaded.native_shape
+        nz = native_shape[2] if (loaded.meta.get("layout") == "xyz" and len(native_shape) > 2) else loaded.num_slices
+        if not 0 <= k < nz:
+            raise SegmentError(f"--{c.kind} slice {k} is outside {loaded.path} (slices 0..{nz - 1})")
+        if c.kind == "box":
+            x0, y0, s0 = mapper.to_slice(c.values[0], c.values[1], k)
+            x1, y1, s1 = mapper.to_slice(c.values[2], c.values[3], k)
+            if s0 != s1:
+                raise SegmentError(f"--box on {loaded.path}: this volume's stored slices are not axial, so a box "
+                                   f"cannot be placed on one slice; reorient the file")
+            pts = [(min(x0, x1), min(y0, y1)), (max(x0, x1), max(y0, y1))]
+            s = s0
+        else:
+            x, y, s = mapper.to_slice(c.values[0], c.values[1], k)
+            pts = [(x, y)]
+        for px, py in pts:
+            if not (-0.5 <= px <= mapper.w - 0.5 and -0.5 <= py <= mapper.h - 0.5):
+                raise SegmentError(f"--{c.kind} {','.join(f'{v:g}' for v in c.values)} lies outside the image "
+                                   f"({loaded.path}: {loaded.slice_shape[1]} columns x {loaded.slice_shape[0]} rows)")
+        pr = prompts.setdefault(cid, {"box": None, "points": [], "slices": [s]})
+        if pr["slices"] != [s]:
+            raise SegmentError(f"all --box/--point corrections of class {CLASSES[cid]} must be on one slice "
+                               f"(got slices {pr['slices'][0]} and {s} in the working order)")
+        if c.kind == "box":
+            if pr["box"] is not None:
+                raise SegmentError(f"only one --box per class (class {CLASSES[cid]})")
+            pr["box"] = (pts[0][0], pts[0][1], pts[1][0], pts[1][1])
+        else:
+            pr["points"].append((pts[0][0], pts[0][1], c.label))
+    return prompts
+
+
+# --------------------------------------------------------------------------------------------
+# results
+
+
+@dataclass
+class SegmentationResult:
+    """Everything :meth:`Segmenter.segment_file` computes for one input (nothing written yet).
+
+    Attributes:
+        input: the input path; ``stem`` names its outputs.
+        loaded: the read image (geometry, DICOM details, raw slices).
+        modality, modality_source: the modality used and how it was decided.
+        class_ids: the classes asked for.
+        image: (N,H,W,3) the normalised slices in [0,1] the network saw.
+        label_slices: (N,H,W) uint8 label map in ``loaded.slices`` layout.
+        probabilities, iou, presence: (K,N,H,W), (K,N), (K,N) per class, rows in ``class_ids`` order.
+        uncertainty: (N,H,W) per-pixel spread (max over classes) or None.
+        encoder_calls: image-encoder calls made (one per slice batch).
+        report: the JSON report (outputs are added by :meth:`Segmenter.write`).
+        warnings: messages for the user.
+    """
+
+    input: str
+    stem: str
+    loaded: LoadedImage
+    modality: str
+    modality_source: str
+    class_ids: list[int]
+    image: np.ndarray
+    label_slices: np.ndarray
+    probabilities: np.ndarray
+    iou: np.ndarray
+    presence: np.ndarray
+    uncertainty: np.ndarray | None
+    encoder_calls: int
+    report: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def is_volume(self) -> bool:
+        return self.loaded.is_volume
+
+    @property
+    def labels(self) -> np.ndarray:
+        """The label map on the input's own voxel grid (what the label file holds)."""
+        return self.loaded.labels_to_native(self.label_slices)
+
+    @property
+    def found_classes(self) -> list[int]:
+        return [c for c in self.class_ids if (self.label_slices == c).any()]
+
+
+def _keep_largest(mask: np.ndarray, n: int) -> np.ndarray:
+    """The ``n`` largest connected components (full connectivity) of a binary mask."""
+    if n == 1:
+        from .inferer import largest_component_3d
+
+        return largest_component_3d(mask)
+    from scipy import ndimage
+
+    lab, num = ndimage.label(mask, structure=np.ones((3,) * mask.ndim))
+    if num <= n:
+        return mask
+    sizes = np.bincount(lab.ravel())[1:]
+    keep = np.argsort(sizes)[::-1][:n] + 1
+    return np.isin(lab, keep)
+
+
+# classes made of more than one connected part: how many the clean-up keeps
+COMPONENTS_KEPT = {"lungs": 2}
+
+
+def _file_sha(path: Path) -> str | None:
+    try:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+        return h.hexdigest()[:16]
+    except OSError:
+        return None
+
+
+class _Staged:
+    """Writes files under temporary names in their folder; ``commit`` renames them into place."""
+
+    def __init__(self):
+        self.pending: list[tuple[str, Path]] = []
+
+    def write(self, final: Path, writer: Callable[[str], Any]) -> None:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + final.name, dir=final.parent)
+        os.close(fd)
+        self.pending.append((tmp, final))
+        writer(tmp)
+
+    def commit(self) -> None:
+        mask = os.umask(0)
+        os.umask(mask)
+        for tmp, final in self.pending:
+            os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600 files; outputs get the usual permissions
+            os.replace(tmp, final)
+        self.pending = []
+
+    def abort(self) -> None:
+        for tmp, _ in self.pending:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        self.pending = []
+
+
+def _save_float_map(values: np.ndarray, loaded: LoadedImage, path: str) -> None:
+    """(N,H,W) float map -> float32 NIfTI on the input's voxel grid and affine."""
+    import nibabel as nib
+
+    native = loaded.labels_to_native(np.asarray(values, dtype=np.float32)).astype(np.float32)
+    if loaded.meta.get("kind") == "nifti":
+        src = nib.load(loaded.path)
+        img = nib.Nifti1Image(native, src.affine, header=src.header.copy())
+        img.set_qform(src.get_qform(), code=int(src.header["qform_code"]))
+        img.set_sform(src.get_sform(), code=int(src.header["sform_code"]))
+    else:
+        img = nib.Nifti1Image(native, np.asarray(loaded.affine, float))
+    img.set_data_dtype(np.float32)
+    img.header.set_slope_inter(1.0, 0.0)
+    img.header["cal_min"], img.header["cal_max"] = 0.0, 0.5
+    nib.save(img, path)
+
+
+# --------------------------------------------------------------------------------------------
+# the segmenter
+
+
+class Segmenter:
+    """The loaded network plus everything needed to segment files with it (model loaded once).
+
+    Args:
+        network: an :class:`~automedsam.model.AutoMedSAM` (None: the bundle's trained model).
+        weights: AutoMedSAM weights file (default: the bundle's ``models/model.pt``).
+        bundle: bundle folder (default: ``$AUTOMEDSAM_BUNDLE`` or the repository's bundle).
+        device: ``cpu``, ``cuda`` or ``cuda:N``.
+        batch_size: slices per image-encoder call.
+        threshold: foreground probability threshold.
+        progress: show a progress bar for volumes.
+        warn: called with each warning (default: :func:`warnings.warn`).
+    """
+
+    def __init__(self, network=None, weights: str | os.PathLike | None = None, bundle: str | os.PathLike | None = None,
+                 device: str = "cpu", batch_size: int | None = None, threshold: float = 0.5, progress: bool = False,
+                 warn: Callable[[str], None] | None = None):
+        self._network = network
+        self.weights = Path(weights) if weights else None
+        self.bundle = Path(bundle) if bundle else None
+        self.device = str(device)
+        self.batch_size = int(batch_size) if batch_size else (16 if self.device.startswith("cuda") else 4)
+        if self.batch_size < 1:
+            raise SegmentError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 < float(threshold) < 1:
+            raise SegmentError(f"threshold must be between 0 and 1, got {threshold}")
+        self.threshold = float(threshold)
+        self.progress = progress
+        self._warn = warn or (lambda m: warnings.warn(m, stacklevel=3))
+        self.load_seconds = 0.0
+        self._info: dict[str, Any] | None = None
+
+    # ---- the model -----------------------------------------------------------------------
+    @property
+    def network(self):
+        """The network, loaded on first use."""
+        if self._network is None:
+            import torch
+
+            from .pretrained import default_bundle_dir, load_pretrained
+
+            if self.device.startswith("cuda") and not torch.cuda.is_available():
+                raise SegmentError(f"device '{self.device}' asked for but CUDA is not available here; use --device cpu")
+            t = time.perf_counter()
+            bundle = self.bundle or default_bundle_dir()
+            self._network = load_pretrained(bundle, self.weights, device=self.device)
+            self.load_seconds = time.perf_counter() - t
+            if self.weights is None:
+                from .pretrained import WEIGHTS_NAME
+
+                self.weights = Path(bundle) / "models" / WEIGHTS_NAME
+        return self._network
+
+    def model_info(self) -> dict[str, Any]:
+        """What the report says about the model (computed once)."""
+        if self._info is not None:
+            return dict(self._info)
+        net = self.network
+        bb = getattr(net, "backbone", None)
+        try:
+            from importlib.metadata import version
+
+            pkg_version = version("automedsam")
+        except Exception:
+            pkg_version = None
+        try:
+            device = str(next(net.parameters()).device)
+        except (StopIteration, AttributeError):
+            device = self.device
+        self._info = {
+            "name": "AutoMedSAM",
+            "version": pkg_version,
+            "backbone": getattr(bb, "name", None),
+            "backbone_checkpoint": getattr(bb, "checkpoint", None),
+            "image_size": getattr(net, "image_size", None),
+            "weights": str(self.weights) if self.weights else None,
+            "weights_sha256": _file_sha(self.weights) if self.weights else None,
+            "device": device,
+            "threshold": self.threshold,
+            "batch_size": self.batch_size,
+        }
+        return dict(self._info)
+
+    # ---- one input -----------------------------------------------------------------------
+    def segment_file(self, path: str | os.PathLike, classes=None, modality: str | None = None,
+                     largest_component: bool = False, uncertainty: int = 0, box=None, point=None,
+                     series_uid: str | None = None, stem: str | None = None) -> SegmentationResult:
+        """Segment one file (or DICOM series folder) and return arrays; nothing is written.
+
+        Args:
+            path: NIfTI, DICOM series folder or file, MHA/NRRD, PNG/JPG/BMP/TIFF or MedSAM .npz.
+            classes: names/ids (list or comma-separated); default: every class of the modality.
+            modality: ``ct``, ``mr``, ``endoscopy`` or ``xray``; default: guessed (see
+                :func:`guess_modality`).
+            largest_component: keep only the largest connected 3D component per class (two
+                for ``lungs``).
+            uncertainty: N > 0 noise draws of the class prompt encoder; gives ``uncertainty``.
+            box, point: interactive corrections (see :func:`parse_box`, :func:`parse_points`);
+                coordinates are the input's pixel column x and row y on slice k as stored.
+            series_uid: which series of a DICOM folder holding several.
+        """
+        t0 = time.perf_counter()
+        loaded = load_image(path, series_uid=series_uid)
+        t_load = time.perf_counter() - t0
+        return self.segment_loaded(loaded, classes=classes, modality=modality, largest_component=largest_component,
+                                   uncertainty=uncertainty, box=box, point=point, stem=stem,
+                                   _timings={"read_s": t_load})
+
+    def segment_loaded(self, loaded: LoadedImage, classes=None, modality: str | None = None,
+                       largest_component: bool = False, uncertainty: int = 0, box=None, point=None,
+                       stem: str | None = None, _timings: dict | None = None) -> SegmentationResult:
+        """As :meth:`segment_file`, for an image already read with :func:`~automedsam.data.io.load_image`."""
+        import torch
+
+        from .data.preprocess import normalise
+        from .inferer import ClassPromptInferer
+        from .report import class_statistics
+
+        timings = dict(_timings or {})
+        messages: list[str] = []
+        corrections = parse_box(box) + parse_points(point)
+        uncertainty = int(uncertainty or 0)
+        if uncertainty < 0:
+            raise SegmentError(f"uncertainty must be >= 0 noise draws, got {uncertainty}")
+        if uncertainty == 1:
+            raise SegmentError("uncertainty needs at least 2 noise draws (a spread of one draw is 0)")
+
+        # modality and classes
+        if modality:
+            try:
+                modality, modality_source = check_modality(modality), "given"
+            except ValueError as e:
+                raise SegmentError(str(e)) from None
+        else:
+            modality, modality_source = guess_modality(loaded)
+        try:
+            ids = parse_classes(classes, modality)
+        except ValueError as e:
+            raise SegmentError(str(e)) from None
+        default_class = ids[0] if len(ids) == 1 else None
+        if classes in (None, "", "all") and len(MODALITY_CLASSES[modality]) == 1:
+            default_class = ids[0]
+        for c in corrections:
+            if c.class_name:
+                try:
+                    cid = class_id(c.class_name)
+                except ValueError as e:
+                    raise SegmentError(str(e)) from None
+                if cid not in ids:
+                    ids.append(cid)
+        prompts = _corrections_to_prompts(corrections, loaded, default_class) if corrections else None
+        unfit = classes_not_fitting(ids, modality)
+        if unfit:
+            messages.append(f"{loaded.path}: class{'es' if len(unfit) > 1 else ''} {', '.join(unfit)} not expected "
+                            f"in {modality} images (expected: {', '.join(MODALITY_CLASSES[modality])}); "
+                            f"segmenting anyway")
+
+        # the network: one encoder pass per slice batch, every class decoded from it
+        t = time.perf_counter()
+        image = normalise(loaded.slices, modality)  # (N,H,W,3) in [0,1]
+        x = torch.from_numpy(np.ascontiguousarray(image.transpose(0, 3, 1, 2)))
+        timings["preprocess_s"] = time.perf_counter() - t
+        fresh = self._network is None
+        net = self.network
+        if fresh:
+            timings["model_load_s"] = self.load_seconds
+        inferer = ClassPromptInferer(ids, batch_size=self.batch_size, threshold=self.threshold,
+                                     uncertainty=uncertainty,
+                                     progress=self.progress and loaded.is_volume and loaded.num_slices > 1)
+        t = time.perf_counter()
+        maps = inferer.predict(net, x, ids, prompts=prompts)
+        timings["inference_s"] = time.perf_counter() - t
+
+        # label map and clean-up
+        t = time.perf_counter()
+        labels = maps.label_map(self.threshold).numpy().astype(np.uint8)
+        flags: dict[int, list[str]] = {cid: [] for cid in ids}
+        for name in unfit:
+            flags[class_id(name)].append(f"not expected in {modality}")
+        mapper = SliceMapper(loaded)
+        if prompts:
+            for cid, pr in prompts.items():
+                what = " and ".join(w for w, v in (("box", pr["box"]), ("points", pr["points"])) if v)
+                flags[cid].append(f"refined by user {what} on slice {mapper.native_slice(pr['slices'][0])}")
+        if largest_component:
+            for cid in ids:
+                m = labels == cid
+                if not m.any():
+                    continue
+                keep = _keep_largest(m if loaded.is_volume else m[0], COMPONENTS_KEPT.get(CLASSES[cid], 1))
+                keep = keep if loaded.is_volume else keep[None]
+                removed = int(m.sum() - keep.sum())
+                if removed:
+                    labels[m & ~keep] = 0
+                    flags[cid].append(f"largest component kept ({removed} voxels removed)")
+        spread = None
+        if maps.spread is not None:
+            spread = maps.spread.max(0).values.numpy().astype(np.float32)
+        stats = class_statistics(labels, ids, maps.iou.numpy(), maps.presence.numpy(), spacing=loaded.spacing,
+                                 is_volume=loaded.is_volume, native_slice=mapper.native_slice, flags=flags)
+        timings["postprocess_s"] = time.perf_counter() - t
+        for name, st in stats.items():
+            if "class not found" in st["flags"]:
+                messages.append(f"{loaded.path}: {name} not found")
+
+        stem = stem or _safe_stem(_strip_suffix(Path(loaded.path).name))
+        dicom = loaded.meta.get("dicom") or {}
+        report: dict[str, Any] = {
+            "input": str(loaded.path),
+            "input_kind": loaded.meta.get("kind"),
+            "series_uid": dicom.get("series_uid"),
+            "stem": stem,
+            "modality": modality,
+            "modality_source": modality_source,
+            "classes_asked": [CLASSES[c] for c in ids],
+            "classes_found": [CLASSES[c] for c in ids if stats[CLASSES[c]]["voxels"] > 0],
+            "is_volume": loaded.is_volume,
+            "shape": list(loaded.native_shape),
+            "slices": loaded.num_slices,
+            "spacing_mm": [float(s) for s in loaded.spacing] if loaded.is_volume else None,
+            "classes": stats,
+            "largest_component": bool(largest_component),
+            "uncertainty_draws": uncertainty,
+            "corrections": [{"kind": c.kind, "values": list(c.values), "slice": c.slice, "label": c.label,
+                             "class": c.class_name} for c in corrections],
+            "model": self.model_info(),
+            "encoder_calls": int(maps.encoder_calls),
+            "timings_s": {k: round(v, 3) for k, v in timings.items()},
+            "warnings": messages,
+        }
+        for m in messages:
+            self._warn(m)
+        return SegmentationResult(
+            input=str(loaded.path), stem=stem, loaded=loaded, modality=modality, modality_source=modality_source,
+            class_ids=ids, image=image, label_slices=labels, probabilities=maps.probabilities.numpy(),
+            iou=maps.iou.numpy(), presence=maps.presence.numpy(), uncertainty=spread,
+            encoder_calls=int(maps.encoder_calls), report=report, warnings=messages)
+
+    # ---- writing -------------------------------------------------------------------------
+    def write(self, result: SegmentationResult, output_dir: str | os.PathLike, overwrite: bool = False,
+              dicom_seg: bool = True) -> dict[str, str]:
+        """Write one result's outputs (all or none); returns {kind: path}."""
+        from PIL import Image
+
+        from .data.io import save_label_map
+        from .report import choose_overlay_slice, overlay_image, pixel_aspect_of, report_json
+
+        t = time.perf_counter()
+        out = Path(output_dir)
+        if out.exists() and not out.is_dir():
+            raise SegmentError(f"output {out} exists and is not a folder")
+        paths = output_paths(out, result.stem)
+        if not overwrite:
+            clash = _existing_outputs(out, result.stem)
+            if clash:
+                raise SegmentError(f"outputs already exist: {', '.join(str(p) for p in clash)} (use --overwrite)")
+        loaded = result.loaded
+        report = dict(result.report)
+        written: dict[str, Path] = {}
+
+        # DICOM-SEG first: it is the step most likely to refuse
+        seg = None
+        if dicom_seg and loaded.meta.get("dicom"):
+            from .dicomseg import build_dicom_seg
+
+            version = report["model"].get("version") or "0"
+            try:
+                seg = build_dicom_seg(loaded, result.label_slices, result.class_ids, software_version=version)
+            except Exception as e:  # a refusal here must not lose the label map
+                first = str(e).splitlines()[0] if str(e) else ""
+                msg = f"{loaded.path}: DICOM-SEG not written ({type(e).__name__}: {first})"
+                report["warnings"] = report["warnings"] + [msg]
+                self._warn(msg)
+            if seg is None and not any(m.startswith(f"{loaded.path}: DICOM-SEG") for m in report["warnings"]):
+                msg = f"{loaded.path}: DICOM-SEG not written (no class found)"
+                report["warnings"] = report["warnings"] + [msg]
+                self._warn(msg)
+
+        k = choose_overlay_slice(result.label_slices)
+        mapper = SliceMapper(loaded)
+        aspect = pixel_aspect_of(loaded.meta.get("oriented_affine") if loaded.is_volume else None)
+        title = f"{result.stem}  {result.modality}"
+        if loaded.is_volume:
+            title += f"  slice {mapper.native_slice(k)} of 0-{loaded.num_slices - 1}"
+        pic = overlay_image(result.image[k], result.label_slices[k], result.class_ids, title=title,
+                            pixel_aspect=aspect, found=result.found_classes)
+        report["overlay_slice"] = mapper.native_slice(k) if loaded.is_volume else None
+
+        staged = _Staged()
+        try:
+            if loaded.is_volume:
+                written["seg"] = paths["seg_nifti"]
+                staged.write(paths["seg_nifti"], lambda tmp: save_label_map(result.label_slices, loaded, tmp))
+            else:
+                written["seg"] = paths["seg_png"]
+                staged.write(paths["seg_png"], lambda tmp: save_label_map(result.label_slices, loaded, tmp))
+            written["overlay"] = paths["overlay"]
+            staged.write(paths["overlay"], lambda tmp: pic.save(tmp, format="PNG"))
+            if result.uncertainty is not None:
+                if loaded.is_volume:
+                    written["uncertainty"] = paths["uncertainty_nifti"]
+                    staged.write(paths["uncertainty_nifti"],
+                                 lambda tmp: _save_float_map(result.uncertainty, loaded, tmp))
+                else:
+                    written["uncertainty"] = paths["uncertainty_png"]
+                    u8 = np.clip(np.round(result.uncertainty[0] * UNCERTAINTY_PNG_SCALE), 0, 255).astype(np.uint8)
+                    staged.write(paths["uncertainty_png"], lambda tmp: Image.fromarray(u8).save(tmp, format="PNG"))
+                    report["uncertainty_png_scale"] = f"pixel value / {UNCERTAINTY_PNG_SCALE:g} = std of probability"
+            if seg is not None:
+                from .dicomseg import write_dicom_seg
+
+                written["dicom_seg"] = paths["dicom_seg"]
+                staged.write(paths["dicom_seg"], lambda tmp: write_dicom_seg(seg, tmp))
+                report["dicom_seg"] = {"series_instance_uid": str(seg.SeriesInstanceUID),
+                                       "segments": [CLASSES[c] for c in result.found_classes],
+                                       "frames": int(getattr(seg, "NumberOfFrames", 0))}
+            written["report"] = paths["report"]
+            report["outputs"] = {k2: str(v) for k2, v in written.items()}
+            report["timings_s"] = {**report["timings_s"], "write_s": round(time.perf_counter() - t, 3)}
+            text = report_json(report)
+            staged.write(paths["report"], lambda tmp: Path(tmp).write_text(text))
+            staged.commit()
+        except BaseException:
+            staged.abort()
+            raise
+        result.report = report
+        return {k2: str(v) for k2, v in written.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# the one-call API
+
+
+def segment(inputs: str | os.PathLike | Iterable[str | os.PathLike], output_dir: str | os.PathLike,
+            classes=None, modality: str | None = None, device: str = "cpu", weights: str | os.PathLike | None = None,
+            bundle: str | os.PathLike | None = None, largest_component: bool = False, uncertainty: int = 0,
+            box=None, point=None, overwrite: bool = False, progress: bool = False, threshold: float = 0.5,
+            batch_size: int | None = None, network=None, on_error: str = "raise",
+            warn: Callable[[str], None] | None = None,
+            on_result: Callable[[dict], None] | None = None) -> list[dict]:
+    """Segment files, DICOM series folders or folders of them; write the outputs to ``output_dir``.
+
+    The network is loaded once for all inputs. Returns one dict per input:
+    ``{"input", "stem", "ok", "error", "outputs": {kind: path}, "report"}``.
+
+    Run-level problems (unknown class or modality, outputs already there without
+    ``overwrite``, corrections with several inputs, missing weights) raise
+    :class:`SegmentError` (or ``CheckpointError``) before anything is written. A bad input raises
+    :class:`~automedsam.data.io.InputError` with ``on_error="raise"``; with ``on_error="skip"``
+    its dict has ``ok=False`` and the one-line ``error``, and the other inputs go on.
+    """
+    if on_error not in ("raise", "skip"):
+        raise SegmentError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if classes not in (None, "", "all"):
+        try:
+            parse_classes(classes)
+        except ValueError as e:
+            raise SegmentError(str(e)) from None
+    if modality:
+        try:
+            modality = check_modality(modality)
+        except ValueError as e:
+            raise SegmentError(str(e)) from None
+    corrections = parse_box(box) + parse_points(point)
+    for c in corrections:
+        if c.class_name:
+            try:
+                class_id(c.class_name)
+            except ValueError as e:
+                raise SegmentError(str(e)) from None
+    if output_dir is None or str(output_dir) == "":
+        raise SegmentError("no output folder given (--output DIR)")
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise SegmentError(f"output {out} exists and is not a folder")
+    items, notes = resolve_inputs(inputs, exclude=out)
+    emit = warn or (lambda m: warnings.warn(m, stacklevel=2))
+    for n in notes:
+        emit(n)
+    if not items:
+        raise SegmentError("no inputs to segment" + (f" ({'; '.join(notes)})" if notes else ""))
+    if corrections and len(items) > 1:
+        raise SegmentError(f"--box/--point refer to one image's pixels: give exactly one input (got {len(items)})")
+    if not overwrite:
+        clash = [p for it in items for p in _existing_outputs(out, it.stem)]
+        if clash:
+            more = f" and {len(clash) - 3} more" if len(clash) > 3 else ""
+            raise SegmentError(f"outputs already exist: {', '.join(str(p) for p in clash[:3])}{more} "
+                               f"(use --overwrite to replace them)")
+
+    segmenter = Segmenter(network=network, weights=weights, bundle=bundle, device=device, batch_size=batch_size,
+                          threshold=threshold, progress=progress, warn=warn)
+    results = []
+    for it in items:
+        entry: dict[str, Any] = {"input": it.label, "stem": it.stem, "ok": False, "error": None, "outputs": {},
+                                 "report": None}
+        try:
+            loaded_t = time.perf_counter()
+            loaded = load_image(it.path, series_uid=it.series_uid)
+            read_s = time.perf_counter() - loaded_t
+            if modality is None:
+                guess_modality(loaded)  # fail on this input before the model is loaded
+            res = segmenter.segment_loaded(loaded, classes=classes, modality=modality,
+                                           largest_component=largest_component, uncertainty=uncertainty, box=box,
+                                           point=point, stem=it.stem, _timings={"read_s": read_s})
+            entry["outputs"] = segmenter.write(res, out, overwrite=overwrite)
+            entry["report"] = res.report
+            entry["ok"] = True
+        except InputError as e:
+            if on_error == "raise":
+                raise
+            entry["error"] = " ".join(str(e).split())
+        except Exception as e:
+            # run-level problems (weights, device, options) stop everything
+            from .backbones import CheckpointError
+
+            if isinstance(e, (SegmentError, CheckpointError)) or on_error == "raise":
+                raise
+            entry["error"] = f"{it.label}: {type(e).__name__}: {' '.join(str(e).split())}"
+        results.append(entry)
+        if on_result is not None:
+            on_result(entry)
+    return results
+
+
+def _main_guard():  # pragma: no cover - for `python -m automedsam.segment`
+    from .cli import main
+
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _main_guard()
