@@ -1,4 +1,5 @@
-"""The ``automedsam`` command (fire): ``automedsam segment ...``, ``automedsam cache ...``.
+"""The ``automedsam`` command (fire): ``automedsam segment ...``, ``automedsam cache ...``,
+``automedsam demo``.
 
 Commands return None and end with the right exit status (0 only on success); errors are one
 line on stderr, ``automedsam: error: ...``.
@@ -168,7 +169,9 @@ def main(argv: list[str] | None = None):
     import fire
 
     args = _merge_repeated(list(sys.argv[1:] if argv is None else argv))
-    fire.Fire({"segment": segment, "cache": cache}, command=args, name="automedsam")
+    from .demo import demo
+
+    fire.Fire({"segment": segment, "cache": cache, "demo": demo}, command=args, name="automedsam")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ class ClassPromptInferer:
     """Encode once per slice, decode each class from that embedding.
 
     Args:
-        class_ids: class names or ids (default: every class of ``modality``, or all).
+        class_ids: class names or ids (default: every class of ``modality``; with neither, each
+            input's own classes from its meta, see :meth:`classes_for`, else all).
         modality: used for the default class list.
         batch_size: slices encoded per encoder call.
         threshold: foreground probability threshold for the label map.
@@ -53,6 +54,8 @@ class ClassPromptInferer:
     def __init__(self, class_ids: Sequence[int | str] | str | None = None, modality: str | None = None,
                  batch_size: int = 4, threshold: float = 0.5, uncertainty: int = 0, progress: bool = False):
         self.class_ids = parse_classes(class_ids, modality)
+        # nothing asked: each input's own classes (from its meta) decide, see classes_for
+        self.fixed = class_ids not in (None, "", "all") or modality is not None
         self.batch_size = batch_size
         self.threshold = threshold
         self.uncertainty = uncertainty
@@ -130,17 +133,46 @@ class ClassPromptInferer:
                 iou[j, s] = float(pred.iou[0, 0])
                 presence[j, s] = 1.0
 
+    def classes_for(self, modality: str | None = None, class_names: str | None = None) -> list[int]:
+        """The classes asked of one input: those the inferer was built with; else the classes the
+        input carries in its meta (``class_names``, e.g. a dataset's labelled classes); else every
+        class of its ``modality`` (the bundle's transforms put it there); else the default list."""
+        if self.fixed:
+            return self.class_ids
+        if class_names:
+            return parse_classes(class_names)
+        if modality:
+            return parse_classes(None, modality)
+        return self.class_ids
+
     def __call__(self, inputs: torch.Tensor, network, *args, **kwargs) -> torch.Tensor:
         if inputs.ndim not in (4, 5):
             raise ValueError(f"inputs must be (B,C,H,W) or (B,C,H,W,D), got {tuple(inputs.shape)}")
+        n = inputs.shape[0]
+        modalities, names = _item_meta(inputs, "modality", n), _item_meta(inputs, "class_names", n)
+        plain = inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs  # no MetaTensor bookkeeping
         outs = []
-        for item in inputs:
+        for item, modality, class_names in zip(plain, modalities, names):
             volume = item.ndim == 4
             slices = item.permute(3, 0, 1, 2) if volume else item[None]  # (N,C,H,W)
-            labels = self.predict(network, torch.as_tensor(slices), **kwargs).label_map(self.threshold)
+            ids = self.classes_for(modality, class_names)
+            labels = self.predict(network, torch.as_tensor(slices), ids, **kwargs).label_map(self.threshold)
             labels = labels.permute(1, 2, 0) if volume else labels[0]
             outs.append(labels[None])
-        return torch.stack(outs).to(inputs.device)
+        out = torch.stack(outs).to(inputs.device)
+        if hasattr(inputs, "as_tensor"):  # a MetaTensor: the label map keeps its meta (Invertd needs it)
+            from monai.utils import convert_to_dst_type
+
+            out = convert_to_dst_type(out, inputs, dtype=out.dtype)[0]
+        return out
+
+
+def _item_meta(inputs, key: str, n: int) -> list:
+    """Per-item values of a MetaTensor batch's meta entry (collated batches hold lists)."""
+    value = (getattr(inputs, "meta", None) or {}).get(key)
+    if isinstance(value, (list, tuple)) and len(value) == n:
+        return [v if isinstance(v, str) and v else None for v in value]
+    return [value if isinstance(value, str) and value else None] * n
 
 
 def largest_component_3d(mask: np.ndarray) -> np.ndarray:
