@@ -146,21 +146,46 @@ def _volume_spacing(entry, slice_step: int) -> tuple[float, float, float]:
 def _write(results: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    keys = sorted({k for m in results["methods"].values() for k in m})
     methods = list(results["methods"])
-    lines = ["# Accuracy on the validation splits", "", f"Command: `{results['command']}`  ", f"Wall time: {results['seconds']} s",
-             "", "Dice / NSD where the class is present; 'empty' = fraction of slices without the class answered with "
-             "an empty mask (class-prompted methods only).", "",
-             "| dataset/class | " + " | ".join(methods) + " | empty (automedsam) |",
-             "|---|" + "---|" * (len(methods) + 1)]
-    for k in keys:
+    rows = sorted({k for m in methods for k, r in results["methods"][m].items() if "dice" in r})
+    lines = ["# Accuracy on the validation splits", "", f"Command: `{results['command']}`  ",
+             f"Wall time: {results['seconds']} s; samples: {results['counts']}", "",
+             "Dice / NSD where the class is present (per image for 2D sets, per volume for 3D sets; NSD "
+             "tolerance 2 px of the 256 px grid for 2D, 2 mm for volumes).", "",
+             "| dataset/class | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for k in rows:
         cells = []
         for m in methods:
             r = results["methods"][m].get(k, {})
             cells.append(f"{r['dice']:.3f} / {r['nsd']:.3f} (n={r['n']})" if "dice" in r else "-")
-        e = results["methods"].get("automedsam", {}).get(k, {}).get("empty_when_absent")
-        lines.append(f"| {k} | " + " | ".join(cells) + f" | {e:.3f} |" if e is not None else f"| {k} | " + " | ".join(cells) + " | - |")
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    class_methods = [m for m in methods if not m.startswith("box_")]
+    lines += ["", "Empty answers where the class is absent (fraction of slices answered with an empty mask), per "
+              "class over all validation sets: in-modality (e.g. spleen asked on a CT slice without spleen) and "
+              "cross-domain (e.g. polyp asked on a chest X-ray).", "",
+              "| class | " + " | ".join(f"{m} in-modality | {m} cross-domain" for m in class_methods) + " |",
+              "|---|" + "---|---|" * len(class_methods)]
+    from automedsam.classes import CLASS_IDS, MODALITY_CLASSES
+    from automedsam.classes import DATASET_MODALITY
+
+    for name in CLASS_IDS:
+        cells = []
+        for m in class_methods:
+            inside, cross = [], []
+            for k, r in results["methods"][m].items():
+                ds, cname = k.split("/")
+                if cname != name or "empty_when_absent" not in r:
+                    continue
+                same = name in MODALITY_CLASSES[DATASET_MODALITY[ds]]
+                (inside if same else cross).append((r["empty_when_absent"], r["n_absent"]))
+            cells += [_weighted(inside), _weighted(cross)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def _weighted(pairs) -> str:
+    n = sum(c for _, c in pairs)
+    return "-" if n == 0 else f"{sum(v * c for v, c in pairs) / n:.3f} (n={n})"
 
 
 if __name__ == "__main__":

@@ -49,6 +49,10 @@ def test_bad_checkpoints_name_the_file(tmp_path):
     junk.write_bytes(b"\x00not a checkpoint" * 10)
     with pytest.raises(CheckpointError, match="junk.pth"):
         build_backbone("lite_medsam", junk)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(open(default_lite_medsam_checkpoint(), "rb").read(1 << 20))
+    with pytest.raises(CheckpointError, match="truncated.pth"):
+        build_backbone("lite_medsam", truncated)
     state = load_state_dict_file(default_lite_medsam_checkpoint())
     state.pop("mask_decoder.iou_token.weight")
     state["extra.weight"] = torch.zeros(1)

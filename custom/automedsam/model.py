@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .backbones import SamBackbone, build_backbone, freeze, load_state_dict_file
+from .backbones import LOW_RES_SIZE, SamBackbone, build_backbone, freeze, load_state_dict_file
 from .classes import NUM_CLASSES
 from .prompt_encoder import DiffusionClassPromptEncoder, Prompts
 
@@ -142,3 +142,35 @@ class AutoMedSAM(nn.Module):
             probs.append(self.decode(embeddings, class_ids, noise=noise).probabilities())
         stack = torch.stack(probs)
         return stack.mean(0), stack.std(0, unbiased=False)
+
+
+class LabelMapNet(nn.Module):
+    """AutoMedSAM as a tensor-in, tensor-out network for MONAI's bundle tools (``verify_net_in_out``,
+    ``ckpt_export`` to TorchScript by tracing): preprocessed images (B,3,S,S) in [0,1] (resized and
+    padded, see :mod:`automedsam.data.preprocess`) -> (B,1,256,256) uint8 label map on the mask
+    decoder's low-res grid, for a fixed class list (default: every class). Overlaps go to the most
+    probable class. ``load_state_dict`` takes what :meth:`AutoMedSAM.trainable_state_dict` saves
+    (``models/model.pt``). Inference proper (full resolution, any image size) is the bundle's
+    ``inferer``; this view exists for checking and exporting the network.
+    """
+
+    def __init__(self, network: AutoMedSAM, class_ids=None, threshold: float = 0.5):
+        super().__init__()
+        from .classes import parse_classes
+
+        self.network = network
+        self.ids = parse_classes(class_ids)
+        self.threshold = float(threshold)
+        self.register_buffer("label_values", torch.tensor(self.ids, dtype=torch.uint8), persistent=False)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self.network.load_trainable(dict(state_dict))
+        return nn.modules.module._IncompatibleKeys([], [])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        emb = self.network.encode(images)
+        b, k = emb.shape[0], len(self.ids)
+        probs = self.network.decode_classes(emb, self.ids).probabilities().reshape(b, k, LOW_RES_SIZE, LOW_RES_SIZE)
+        best, idx = probs.max(1, keepdim=True)
+        labels = self.label_values[idx]
+        return torch.where(best > self.threshold, labels, torch.zeros_like(labels))
