@@ -10,21 +10,22 @@ from pathlib import Path
 
 import numpy as np
 
-# one case per domain from the development data (relative to the data folder)
-REAL_SAMPLES = (
-    ("polyp/kvasir-seg/images", "*.jpg"),
-    ("chest-xray/shenzhen/images", "*.png"),
-    ("abdomen-ct/totalseg-example", "ct.nii.gz"),
-    ("brain-mri/brats", "*/Flair_subtrMeanDivStd.nii.gz"),
-)
+DEMO_DATALISTS = ("kvasir", "shenzhen", "totalseg", "brats")
 
 
 def real_samples(data_dir: Path) -> list[Path]:
+    """The first validation case of each domain's datalist (not seen in training; the CT volume
+    is the exception: it is the only labelled CT, see data_lists/totalseg.json)."""
+    from .data.datalist import load_datalist
+
     out = []
-    for folder, pattern in REAL_SAMPLES:
-        found = sorted((data_dir / folder).glob(pattern))
-        if found:
-            out.append(found[-1])  # the last by name: in the validation split of none in particular
+    for name in DEMO_DATALISTS:
+        try:
+            entries = load_datalist(name, base_dir=data_dir, split="validation")
+        except (FileNotFoundError, ValueError):
+            continue
+        if entries:
+            out.append(Path(entries[0]["image"]))
     return out
 
 
