@@ -66,6 +66,7 @@ def make(data: Path, seed: int = 0) -> dict[str, dict]:
         "validation": [{"image": "abdomen-ct/totalseg-example/ct.nii.gz",
                         "label": "abdomen-ct/totalseg-example/label.nii.gz"}],
         "testing": [{"image": "abdomen-ct/totalseg-example-unlabelled/ct.nii.gz"}],
+        "validation_overlaps_training": True,
     }
     for name, dl in lists.items():
         dl["seed"] = seed
