@@ -91,12 +91,21 @@ class SamBackbone(nn.Module):
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
+        self.set_encoder_runtime("eager")
+
+    def set_encoder_runtime(self, runtime: str = "auto") -> None:
+        """How CPU calls of the frozen encoder run: ``auto``, ``eager``, ``onnx`` or ``bf16``
+        (see :mod:`automedsam.runtime`)."""
+        from .runtime import EncoderRunner
+
+        # a plain attribute (not a submodule): the runner holds no weights of its own
+        object.__setattr__(self, "encoder_runner", EncoderRunner(self.image_encoder, self.image_size, self.name, runtime))
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != (self.image_size,) * 2:
             raise ValueError(f"{self.name} expects images (B,3,{self.image_size},{self.image_size}), "
                              f"got {tuple(images.shape)}")
-        return self.image_encoder(images)
+        return self.encoder_runner(images)
 
     def dense_pe(self) -> torch.Tensor:
         return self.prompt_encoder.get_dense_pe()

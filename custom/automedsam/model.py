@@ -31,6 +31,12 @@ class Prediction:
         return torch.sigmoid(self.logits) * present
 
 
+# A pytree node, so that code walking a forward's output finds its tensors. DistributedDataParallel
+# needs this: with static_graph (or find_unused_parameters) it routes the output tensors through
+# its autograd hook; an opaque output object hides them and the gradients are never all-reduced.
+torch.utils._pytree.register_dataclass(Prediction)
+
+
 class AutoMedSAM(nn.Module):
     """Class-prompted MedSAM.
 
@@ -40,13 +46,17 @@ class AutoMedSAM(nn.Module):
         num_classes: size of the class vocabulary (ids 1..num_classes).
         train_mask_decoder: fine-tune the mask decoder too (the teacher keeps a frozen copy).
         prompt_encoder: keyword arguments for :class:`DiffusionClassPromptEncoder`.
+        encoder_runtime: how the frozen encoder runs on CPU: ``auto`` (ONNX Runtime when
+            installed, else eager), ``eager``, ``onnx`` or ``bf16``; see :mod:`automedsam.runtime`.
     """
 
     def __init__(self, backbone: SamBackbone | str = "lite_medsam", checkpoint: str | None = None,
-                 num_classes: int = NUM_CLASSES, train_mask_decoder: bool = False, prompt_encoder: dict | None = None):
+                 num_classes: int = NUM_CLASSES, train_mask_decoder: bool = False, prompt_encoder: dict | None = None,
+                 encoder_runtime: str = "auto"):
         super().__init__()
         if isinstance(backbone, str):
             backbone = build_backbone(backbone, checkpoint)
+        backbone.set_encoder_runtime(encoder_runtime)
         self.backbone = backbone
         self.train_mask_decoder = train_mask_decoder
         kwargs = dict(prompt_encoder or {})

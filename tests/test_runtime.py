@@ -1,0 +1,119 @@
+"""The encoder's fast path (ONNX Runtime) gives the eager answer and manages its export safely."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from automedsam.runtime import EncoderRunner, OnnxEncoder, weights_key
+
+pytest.importorskip("onnxruntime")
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    s = a.sum() + b.sum()
+    return 1.0 if s == 0 else 2.0 * np.logical_and(a, b).sum() / s
+
+
+def gt_box(mask: np.ndarray) -> list[float]:
+    ys, xs = np.nonzero(mask)
+    return [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("onnx")
+
+
+@pytest.fixture(scope="module")
+def onnx_encoder(backbone, export_dir):
+    enc = OnnxEncoder(backbone.image_encoder, backbone.image_size, "lite_medsam", directory=export_dir)
+    assert enc.exported and enc.path.is_file()
+    return enc
+
+
+def test_onnx_masks_agree_with_eager_on_real_polyps(backbone, onnx_encoder, polyp_cases):
+    imgs = torch.from_numpy(np.stack([c[0] for c in polyp_cases])).permute(0, 3, 1, 2).contiguous()
+    with torch.no_grad():
+        eager = torch.cat([backbone.image_encoder(imgs[i:i + 4]) for i in range(0, len(imgs), 4)])
+    fast = onnx_encoder(imgs)
+    assert fast.shape == eager.shape == (len(imgs), 256, 64, 64) and fast.dtype == torch.float32
+    assert ((fast - eager).abs().max() / eager.abs().max()).item() < 1e-3
+    boxes = torch.tensor([gt_box(m) for _, m in polyp_cases], dtype=torch.float32)
+    with torch.no_grad():
+        sparse, dense = backbone.prompt(boxes=boxes)
+        masks_e = backbone.decode(eager, sparse, dense)[0][:, 0] > 0
+        masks_f = backbone.decode(fast, sparse, dense)[0][:, 0] > 0
+    dices = [dice(masks_f[i].numpy(), masks_e[i].numpy()) for i in range(len(imgs))]
+    assert min(dices) >= 0.99, dices
+    # and the masks are real polyp masks, not two agreeing failures
+    gt = [m for _, m in polyp_cases]
+    assert np.mean([dice(masks_f[i].numpy(), gt[i]) for i in range(len(imgs))]) > 0.8
+
+
+def test_export_is_reused_and_keyed_by_the_weights(backbone, onnx_encoder, export_dir):
+    again = OnnxEncoder(backbone.image_encoder, backbone.image_size, "lite_medsam", directory=export_dir)
+    assert not again.exported and again.path == onnx_encoder.path
+    changed = copy.deepcopy(backbone.image_encoder)
+    with torch.no_grad():
+        next(changed.parameters()).add_(1e-3)
+    assert weights_key(changed, 256) != weights_key(backbone.image_encoder, 256)
+    assert weights_key(backbone.image_encoder, 1024) != weights_key(backbone.image_encoder, 256)
+    assert not list(export_dir.glob(".tmp-*")), "a temporary export was left behind"
+
+
+def test_a_damaged_export_is_made_again(backbone, onnx_encoder, tmp_path):
+    damaged = tmp_path / onnx_encoder.path.name
+    damaged.write_bytes(onnx_encoder.path.read_bytes()[:1000])
+    enc = OnnxEncoder(backbone.image_encoder, backbone.image_size, "lite_medsam", directory=tmp_path)
+    assert enc.exported and enc.path.stat().st_size == onnx_encoder.path.stat().st_size
+    x = torch.rand(1, 3, 256, 256)
+    assert torch.allclose(enc(x), onnx_encoder(x))
+
+
+def test_runner_paths(backbone, onnx_encoder, monkeypatch):
+    monkeypatch.setenv("AUTOMEDSAM_CACHE_DIR", str(onnx_encoder.path.parent))
+    x = torch.rand(2, 3, 256, 256)
+    with torch.no_grad():
+        ref = backbone.image_encoder(x)
+    eager = EncoderRunner(backbone.image_encoder, 256, "lite_medsam", "eager")
+    assert eager.active == "eager" and torch.equal(eager(x), ref)
+    auto = EncoderRunner(backbone.image_encoder, 256, "lite_medsam", "auto")
+    out = auto(x)
+    assert auto.active == "onnx" and not auto._onnx.exported  # found the export made above
+    assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-3
+    assert torch.equal(auto(x), out), "the fast path is deterministic"
+    clone = copy.deepcopy(auto)  # sessions are not copied; the copy rebuilds its own
+    assert clone._onnx is None and torch.equal(clone(x), out)
+    bf16 = EncoderRunner(backbone.image_encoder, 256, "lite_medsam", "bf16")
+    out16 = bf16(x)
+    assert out16.dtype == torch.float32 and ((out16 - ref).abs().max() / ref.abs().max()).item() < 0.1
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        EncoderRunner(backbone.image_encoder, 256, "lite_medsam", "tensorrt")
+
+
+def test_a_failing_fast_path_falls_back_to_eager(backbone, monkeypatch, tmp_path):
+    monkeypatch.setenv("AUTOMEDSAM_CACHE_DIR", str(tmp_path))
+    import automedsam.runtime as rt
+
+    def broken(*a, **k):
+        raise RuntimeError("exporter exploded")
+
+    monkeypatch.setattr(rt, "OnnxEncoder", broken)
+    x = torch.rand(1, 3, 256, 256)
+    with torch.no_grad():
+        ref = backbone.image_encoder(x)
+    auto = EncoderRunner(backbone.image_encoder, 256, "lite_medsam", "auto")
+    with pytest.warns(RuntimeWarning, match="exporter exploded"):
+        out = auto(x)
+    assert torch.equal(out, ref) and auto.active == "eager"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once, not per call
+        auto(x)
+    strict = EncoderRunner(backbone.image_encoder, 256, "lite_medsam", "onnx")
+    with pytest.raises(RuntimeError, match="unavailable"):
+        strict(x)
