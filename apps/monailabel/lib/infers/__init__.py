@@ -1,0 +1,3 @@
+from .automedsam import AutoMedSAMInfer
+
+__all__ = ["AutoMedSAMInfer"]
