@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 import socket
 import warnings
 from pathlib import Path
@@ -485,6 +486,170 @@ def test_multi_gpu_config_runs_as_a_one_process_group(tiny, trained, tmp_path, m
         wf.finalize()
     assert not dist.is_initialized()
     assert (tmp_path / "model.pt").is_file() and (tmp_path / "checkpoint_epoch=1.pt").is_file()
+
+
+# ------------------------------------------------------------------------------------ killed training
+
+
+RESUME_TOLERANCE = 1e-6  # max |difference| of any weight or optimiser tensor (measured: 0, bit-identical)
+
+
+def training_command(tiny, output_dir, epochs: int) -> list[str]:
+    """The bundle's training command as a user types it (small: batch 1, CT's first slice)."""
+    import sys
+
+    return [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", TRAIN, "--meta_file", META,
+            "--bundle_root", str(BUNDLE),
+            "--datalists", json.dumps([tiny["lists"]["kvasir"], tiny["lists"]["totalseg"]]),
+            "--dataset_dir", str(tiny["dir"]), "--cache_dir", tiny["cache"], "--output_dir", str(output_dir),
+            "--slice_step", "3", "--cross_domain_ratio", "0.0", "--batch_size", "1",
+            "--train#trainer#max_epochs", str(epochs)]
+
+
+def _flat(obj, prefix="") -> dict:
+    if isinstance(obj, dict):
+        return {k2: v2 for k, v in obj.items() for k2, v2 in _flat(v, f"{prefix}/{k}").items()}
+    if isinstance(obj, (list, tuple)):
+        return {k2: v2 for i, v in enumerate(obj) for k2, v2 in _flat(v, f"{prefix}/{i}").items()}
+    return {prefix: obj}
+
+
+def max_difference(a: Path, b: Path) -> float:
+    """Max |difference| over every tensor of two checkpoints; other values must be equal."""
+    fa = _flat(torch.load(a, map_location="cpu", weights_only=True))
+    fb = _flat(torch.load(b, map_location="cpu", weights_only=True))
+    assert fa.keys() == fb.keys(), sorted(set(fa) ^ set(fb))[:5]
+    worst = 0.0
+    for k, v in fa.items():
+        if isinstance(v, torch.Tensor):
+            if v.numel():
+                worst = max(worst, float((v.double() - fb[k].double()).abs().max()))
+        else:
+            assert v == fb[k], (k, v, fb[k])
+    return worst
+
+
+def epoch_metrics(log: str, epoch: int) -> dict:
+    out = {}
+    for line in log.splitlines():
+        if f"Epoch[{epoch}] Metrics -- " in line:
+            for k, v in re.findall(r"(\w+): (-?[0-9.]+)", line.split("Metrics -- ", 1)[1]):
+                out[k] = float(v)
+    return out
+
+
+def iteration_losses(log: str, epoch: int) -> list[float]:
+    return [float(v) for v in re.findall(rf"Epoch: {epoch}/\d+, Iter: \d+/\d+ -- train_loss: ([0-9.]+)", log)]
+
+
+@pytest.mark.slow
+def test_training_killed_mid_epoch_resumes_to_the_same_result(tiny, tmp_path):
+    """``kill -9`` in the middle of epoch 2, then the same command: it resumes from the epoch-1
+    checkpoint and ends with the weights, optimiser state and metrics of an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+
+    # uninterrupted
+    ref = tmp_path / "uninterrupted"
+    done = subprocess.run(training_command(tiny, ref, 2), capture_output=True, text=True, timeout=1800, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ref_log = done.stdout + done.stderr
+    n_iter = int(re.search(r"Epoch: 1/2, Iter: \d+/(\d+)", ref_log).group(1))
+    assert n_iter >= 4, "epochs must have several iterations for a mid-epoch kill"
+
+    # killed with SIGKILL once epoch 2's second iteration is logged
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(training_command(tiny, run, 2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=tmp_path)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if re.search(r"Epoch: 2/2, Iter: 2/", line):
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == -signal.SIGKILL, "".join(seen)[-3000:]
+    names = sorted(p.name for p in run.iterdir() if not p.name.startswith("."))
+    assert "checkpoint_epoch=1.pt" in names and "checkpoint_epoch=2.pt" not in names and "model.pt" not in names
+    for p in run.glob("*.pt"):  # nothing partial under a final name
+        torch.load(p, map_location="cpu", weights_only=True)
+
+    # the same command again
+    again = subprocess.run(training_command(tiny, run, 2), capture_output=True, text=True, timeout=1800, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = again.stdout + again.stderr
+    assert f"Restored all variables from {run / 'checkpoint_epoch=1.pt'}" in log
+    assert "Epoch: 1/2" not in log, "epoch 1 must not be trained again"
+
+    assert iteration_losses(log, 2) == iteration_losses(ref_log, 2) and len(iteration_losses(log, 2)) == n_iter
+    assert epoch_metrics(log, 2) == pytest.approx(epoch_metrics(ref_log, 2), abs=1e-4)
+    assert len(epoch_metrics(log, 2)) > 10  # validation Dice/NSD and the loss terms and weights
+    for name in ("model.pt", "checkpoint_epoch=2.pt", "best_model.pt"):
+        assert max_difference(ref / name, run / name) <= RESUME_TOLERANCE, name
+
+
+def test_checkpoints_are_written_atomically(tmp_path):
+    """Every saver of train.yaml writes to a temporary name and renames; a checkpoint is deleted
+    only once its successor is in place; killed mid-write, the old file is intact."""
+    import signal
+    import subprocess
+    import sys
+
+    from ignite.engine import Engine, Events
+    from ignite.handlers import Checkpoint
+
+    import ignite.distributed as idist
+
+    from automedsam.engine import AtomicCheckpointSaver, AtomicDiskSaver, save_atomic
+
+    idist.sync()  # ignite may still hold the process group an earlier in-process DDP test destroyed
+    cfg = raw_config(TRAIN)
+    savers = [h for h in cfg["train"]["checkpointing"] if "Saver" in h["_target_"]] + [cfg["validate"]["best_saver"]]
+    assert [h["_target_"] for h in savers] == ["automedsam.engine.AtomicCheckpointSaver"] * 2
+    assert "automedsam.engine.save_atomic(" in cfg["run"][-1]
+    assert "automedsam.engine.save_atomic(" in raw_config(MULTI_GPU)["run"][2]
+
+    # the handlers really are atomic ones, for interval and best-metric checkpoints
+    net = torch.nn.Linear(2, 2)
+    saver = AtomicCheckpointSaver(save_dir=str(tmp_path), save_dict={"model": net}, save_interval=1, n_saved=1,
+                                  save_key_metric=True, key_metric_name="m", key_metric_filename="best.pt")
+    assert isinstance(saver._interval_checkpoint.save_handler, AtomicDiskSaver)
+    assert saver._key_metric_checkpoint.save_handler.filename == "best.pt"
+
+    # n_saved=1: ignite asks to delete epoch 1 before writing epoch 2; the old one must survive
+    # until the new one is in place
+    seen = []
+
+    class Watch(AtomicDiskSaver):
+        def __call__(self, checkpoint, filename, metadata=None):
+            seen.append(sorted(p.name for p in tmp_path.glob("ck_*.pt")))
+            super().__call__(checkpoint, filename, metadata)
+
+    ck = Checkpoint({"model": net}, Watch(tmp_path), filename_prefix="ck", n_saved=1,
+                    global_step_transform=lambda e, _: e.state.epoch)
+    engine = Engine(lambda e, b: None)
+    engine.add_event_handler(Events.EPOCH_COMPLETED, ck)
+    engine.run([0], max_epochs=2)
+    assert seen == [[], ["ck_model_1.pt"]]
+    assert sorted(p.name for p in tmp_path.glob("ck_*.pt")) == ["ck_model_2.pt"]
+
+    # killed in the middle of writing: the previous file is whole, the new bytes are in a temporary
+    target = tmp_path / "checkpoint.pt"
+    save_atomic({"w": torch.arange(10.0)}, target)
+    script = (
+        "import os, signal, sys, torch\n"
+        "from automedsam.engine import save_atomic\n"
+        "def dying_save(obj, fh, *a, **k):\n"
+        "    fh.write(b'PK' + b'x' * 100000)\n"
+        "    fh.flush()\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "torch.save = dying_save\n"
+        "save_atomic({'w': torch.zeros(10)}, sys.argv[1])\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(target)], capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    assert torch.equal(torch.load(target, weights_only=True)["w"], torch.arange(10.0))
+    assert [p.name for p in tmp_path.glob(".tmp-*checkpoint.pt")], "the partial write went to a temporary name"
 
 
 # ------------------------------------------------------------------------------------ bundle tools

@@ -341,3 +341,73 @@ def test_inputs_never_modified(data_root):
     for p in paths:
         assert isinstance(load_image(p), LoadedImage)
     assert [(sha(p), os.stat(p).st_mtime_ns) for p in paths] == before
+
+
+def test_constant_and_all_zero_images_are_refused(tmp_path):
+    aff = np.eye(4)
+    nib.save(nib.Nifti1Image(np.zeros((6, 5, 4), np.float32), aff), tmp_path / "zeros.nii.gz")
+    _bad(tmp_path / "zeros.nii.gz", r"constant image \(every voxel is 0\)")
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "black.png")
+    _bad(tmp_path / "black.png", r"constant image \(every voxel is 0\)")
+    np.savez(tmp_path / "zeros.npz", imgs=np.zeros((3, 8, 8), np.uint8))
+    _bad(tmp_path / "zeros.npz", "constant image")
+
+
+def test_nan_and_inf_are_refused_not_guessed(tmp_path):
+    """The policy: NaN/Inf voxels are refused (never replaced by a guess); the message says so."""
+    vol = np.random.default_rng(0).random((6, 5, 4)).astype(np.float32)
+    vol[0, 0, 0] = -np.inf
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "inf.nii.gz")
+    msg = _bad(tmp_path / "inf.nii.gz", "1 NaN/Inf voxel out of 120")
+    assert "refusing to guess" in msg
+
+
+def write_nifti_header_only(path: Path, shape, dtype=np.int16) -> Path:
+    """A .nii whose header promises ``shape`` but that holds no voxel data at all."""
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(shape)
+    hdr.set_data_dtype(dtype)
+    hdr["vox_offset"] = 352
+    path.write_bytes(hdr.binaryblock + b"\0" * 4)
+    return path
+
+
+def test_max_voxels_refused_from_the_header_before_reading(data_root, dicom_dir, tmp_path, monkeypatch):
+    import time
+
+    from automedsam.data.io import DEFAULT_MAX_VOXELS, header_voxels
+
+    # a header promising 4096^3 int16 voxels (128 GiB): refused from the header in well under a
+    # second (the file holds no data, so reading it would fail with another message)
+    huge = write_nifti_header_only(tmp_path / "huge.nii", (4096, 4096, 4096))
+    t = time.perf_counter()
+    msg = _bad(huge, r"4096x4096x4096 = 68,719,476,736 voxels is over the limit of 268,435,456 voxels; refused "
+                     r"before reading")
+    assert time.perf_counter() - t < 5 and "--max_voxels" in msg
+    assert DEFAULT_MAX_VOXELS == 2 ** 28
+    # the limit is configurable: argument, then $AUTOMEDSAM_MAX_VOXELS; 0 = no limit
+    _bad(data_root / CT, r"122x101x30 = 369,660 voxels is over the limit of 1,000", max_voxels=1000)
+    assert load_image(data_root / CT, max_voxels=369_660).num_slices == 30
+    monkeypatch.setenv("AUTOMEDSAM_MAX_VOXELS", "60000")
+    _bad(data_root / POLYP, r"256x256 = 65,536 voxels is over the limit of 60,000")
+    assert load_image(data_root / POLYP, max_voxels=0).slice_shape == (256, 256)
+    monkeypatch.delenv("AUTOMEDSAM_MAX_VOXELS")
+    # every reader's header: MHA, npz, a DICOM file, a DICOM series (sum over its files)
+    import itk
+
+    itk.imwrite(itk.image_from_array(np.arange(120, dtype=np.int16).reshape(4, 5, 6)), str(tmp_path / "v.mha"))
+    assert header_voxels(tmp_path / "v.mha") == (120, (6, 5, 4))
+    _bad(tmp_path / "v.mha", "120 voxels is over the limit of 100", max_voxels=100)
+    np.savez(tmp_path / "v.npz", imgs=np.arange(300, dtype=np.uint8).reshape(3, 10, 10))
+    assert header_voxels(tmp_path / "v.npz") == (300, (3, 10, 10))
+    _bad(tmp_path / "v.npz", "300 voxels is over", max_voxels=299)
+    one = sorted(dicom_dir.iterdir())[0]
+    _bad(one, "12,322 voxels is over", max_voxels=12_000)
+    _bad(dicom_dir, "369,660 voxels is over the limit of 369,659", max_voxels=369_659)
+    with pytest.raises(ValueError, match="max_voxels"):
+        load_image(data_root / POLYP, max_voxels=-1)
+    # an unreadable header is left to the reader, which names the problem
+    junk = tmp_path / "junk.nii.gz"
+    junk.write_bytes(np.random.default_rng(3).bytes(3000))
+    assert header_voxels(junk) is None
+    _bad(junk, "cannot read", max_voxels=10)

@@ -248,3 +248,35 @@ def test_class_path_learns_real_polyps_without_a_box(backbone, polyp_cases, poly
         logits = m(embeddings=polyp_embeddings, class_ids=[POLYP] * 8).logits
     dices = [dice(logits[i, 0].numpy() > 0, c[1]) for i, c in enumerate(polyp_cases)]
     assert np.mean(dices) > 0.8, dices
+
+
+def test_checkpoint_loader_refuses_a_pickle_that_runs_code(tmp_path):
+    """The other loading paths: MONAI's CheckpointLoader (training resume, evaluate, inference
+    configs) and ``load_pretrained`` (``automedsam segment --weights``) use weights_only=True too."""
+    import pickle
+
+    from ignite.engine import Engine
+    from monai.handlers import CheckpointLoader
+
+    from automedsam.pretrained import load_pretrained
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            import os
+            return (os.system, (f"touch {marker}",))
+
+    bad = tmp_path / "checkpoint_epoch=3.pt"
+    torch.save({"model": {"w": torch.zeros(1)}, "trainer": Evil()}, bad)  # torch's own zip format, poisoned
+    engine = Engine(lambda e, b: None)
+    CheckpointLoader(load_path=str(bad), load_dict={"model": torch.nn.Linear(1, 1)}).attach(engine)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        engine.run([0], max_epochs=1)
+    assert not marker.exists()
+    plain = tmp_path / "model.pt"
+    with open(plain, "wb") as f:
+        pickle.dump({"w": Evil()}, f)
+    with pytest.raises(CheckpointError, match="model.pt"):
+        load_pretrained(weights=plain)
+    assert not marker.exists()

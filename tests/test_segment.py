@@ -310,18 +310,17 @@ def test_encoder_runs_once_per_slice_batch_whatever_the_classes(network, data_ro
     from automedsam.segment import Segmenter
 
     vol = crop_nifti(data_root / CT, tmp_path / "ct2.nii.gz", 15, 17)
-    encoder = network.backbone.image_encoder
     calls, seen = [], {}
-    original = encoder.forward
+    original = network.backbone.encoder_runner  # whichever path (eager or ONNX Runtime) runs the encoder
 
-    def counting_forward(x, *a, **k):  # counts every call; answers a repeated input from memory (saves CPU)
+    def counting_encoder(x):  # counts every call; answers a repeated input from memory (saves CPU)
         calls.append(x.shape[0])
         key = hash(x.detach().cpu().numpy().tobytes())
         if key not in seen:
-            seen[key] = original(x, *a, **k)
+            seen[key] = original(x)
         return seen[key]
 
-    monkeypatch.setattr(encoder, "forward", counting_forward)
+    monkeypatch.setattr(network.backbone, "encoder_runner", counting_encoder)
     seg = Segmenter(network, batch_size=1)
     one = seg.segment_file(vol, classes="liver")
     assert calls == [1, 1] and one.encoder_calls == 2
@@ -475,3 +474,242 @@ def test_stem_clashes_get_the_folder_name(data_root):
     items, _ = resolve_inputs([a, b, data_root / CT])
     assert [i.stem for i in items] == ["brats_2013_pat0003_1_Flair_subtrMeanDivStd",
                                        "brats_2013_pat0004_1_Flair_subtrMeanDivStd", "ct"]
+
+
+# ------------------------------------------------------------------------------------ reliability
+
+
+def _no_outputs(out: Path) -> bool:
+    return not out.exists() or not [p for p in out.iterdir() if not p.name.startswith(".tmp-")]
+
+
+def test_every_kind_of_bad_input_one_line_each_and_nothing_written(data_root, tmp_path):
+    """One call over every bad input of the reliability list: each gets one error line naming
+    the file and the problem; the exit status is non-zero; no output is written (the model is
+    never even loaded)."""
+    from test_data_io import write_nifti_header_only
+
+    d = tmp_path / "bad"
+    d.mkdir()
+    rng = np.random.default_rng(7)
+    ct = (data_root / CT).read_bytes()
+    (d / "truncated.nii.gz").write_bytes(ct[: len(ct) // 2])
+    (d / "noise.nii.gz").write_bytes(rng.bytes(5000))
+    (d / "noise.png").write_bytes(rng.bytes(5000))
+    (d / "noise.dcm").write_bytes(rng.bytes(5000))
+    aff = np.eye(4)
+    nib.save(nib.Nifti1Image(rng.random((5, 5, 5, 2)).astype(np.float32), aff), str(d / "four_d.nii.gz"))
+    nib.save(nib.Nifti1Image(np.arange(10, dtype=np.float32), aff), str(d / "one_d.nii.gz"))
+    nib.save(nib.Nifti1Image(np.zeros((6, 5, 4), np.int16), aff), str(d / "zeros.nii.gz"))
+    Image.fromarray(np.full((20, 30), 9, np.uint8)).save(d / "flat.png")
+    vol = rng.random((6, 5, 4)).astype(np.float32)
+    vol[1, 2, 3] = np.nan
+    nib.save(nib.Nifti1Image(vol, aff), str(d / "nan.nii.gz"))
+    write_nifti_header_only(d / "huge.nii", (4096, 4096, 4096))  # promises 128 GiB, holds none
+    expected = {
+        "missing.nii.gz": "no such file",
+        "truncated.nii.gz": "cannot read nifti file",
+        "noise.nii.gz": "cannot read nifti file",
+        "noise.png": "cannot read image2d file",
+        "noise.dcm": "not a readable DICOM file",
+        "four_d.nii.gz": "4D array of shape (5, 5, 5, 2)",
+        "one_d.nii.gz": "1D array of shape (10,)",
+        "zeros.nii.gz": "constant image (every voxel is 0)",
+        "flat.png": "constant image (every voxel is 9)",
+        "nan.nii.gz": "1 NaN/Inf voxel out of 120; refusing to guess",
+        "huge.nii": "4096x4096x4096 = 68,719,476,736 voxels is over the limit of 268,435,456",
+    }
+    out = tmp_path / "out"
+    proc = run_cli([d / name for name in expected] + ["--output", out], cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errs = error_lines(proc.stderr)
+    assert len(errs) == len(expected), proc.stderr
+    for err, (name, problem) in zip(errs, expected.items()):
+        assert f"{d / name}:" in err and problem in err, (name, err)
+    assert f"{len(expected)} of {len(expected)} inputs failed" in proc.stderr
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("name", ["scan.nii.gz", "scan.dcm"])
+def test_random_bytes_volume_or_dicom_alone(tmp_path, name):
+    bad = tmp_path / name
+    bad.write_bytes(np.random.default_rng(2).bytes(8192))
+    proc = run_cli([bad, "--output", tmp_path / "out"], cwd=tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    (err,) = error_lines(proc.stderr)
+    assert str(bad) in err and ("cannot read" in err or "not a readable DICOM" in err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_max_voxels_flag(data_root, tmp_path):
+    proc = run_cli([data_root / POLYP, "--output", tmp_path / "out", "--max_voxels", "1000"], cwd=tmp_path)
+    assert proc.returncode != 0
+    (err,) = error_lines(proc.stderr)
+    assert POLYP.split("/")[-1] in err and "256x256 = 65,536 voxels is over the limit of 1,000" in err
+    assert not (tmp_path / "out").exists()
+    proc = run_cli([data_root / POLYP, "--output", tmp_path / "out", "--max_voxels", "-3"], cwd=tmp_path)
+    assert proc.returncode == 2 and "max_voxels" in error_lines(proc.stderr)[0]
+    assert not (tmp_path / "out").exists()
+
+
+def two_series_folder(data_root: Path, tmp_path: Path) -> tuple[Path, list[str]]:
+    """One folder holding two CT series written from the real CT: 2 slices and 1 slice."""
+    src = nib.load(str(data_root / CT))
+    folder = tmp_path / "two"
+    folder.mkdir()
+    uids = []
+    for tag, (z0, z1) in (("A", (15, 17)), ("B", (20, 21))):
+        sub = tmp_path / tag
+        uids.append(write_ct_dicom_series(np.asarray(src.dataobj)[:, :, z0:z1], src.affine, sub)["series"])
+        for f in sub.iterdir():
+            f.rename(folder / f"{tag}_{f.name}")
+        sub.rmdir()
+    return folder, uids
+
+
+def test_resolve_inputs_series_choice(data_root, tmp_path):
+    from automedsam.segment import resolve_inputs
+
+    folder, uids = two_series_folder(data_root, tmp_path)
+    items, _ = resolve_inputs([folder], series_uid=None)
+    assert [(i.path, i.series_uid) for i in items] == [(folder, None)]  # fails when read, listing both
+    items, _ = resolve_inputs([folder])  # the API default: every series
+    assert sorted(i.series_uid for i in items) == sorted(uids)
+    items, _ = resolve_inputs([folder], series_uid=uids[1])
+    assert [(i.path, i.series_uid, i.stem) for i in items] == [(folder, uids[1], "two")]
+    items, _ = resolve_inputs([folder], series_uid="1.2.3")
+    assert [(i.path, i.series_uid) for i in items] == [(folder, "1.2.3")]  # fails when read, listing both
+
+
+def test_dicom_folder_with_two_series_refused_or_chosen_by_flag(data_root, weights_args, tmp_path):
+    folder, (uid_a, uid_b) = two_series_folder(data_root, tmp_path)
+    out = tmp_path / "out"
+    proc = run_cli([folder, "--output", out, "--quiet", *weights_args], cwd=tmp_path)
+    assert proc.returncode != 0
+    (err,) = error_lines(proc.stderr)
+    assert f"{folder}: folder holds 2 DICOM series:" in err and uid_a in err and uid_b in err
+    assert "2 files" in err and "1 files" in err and "--series_uid" in err
+    assert _no_outputs(out)
+    proc = run_cli([folder, "--output", out, "--series_uid", "1.2.3", "--quiet", *weights_args], cwd=tmp_path)
+    assert proc.returncode != 0
+    (err,) = error_lines(proc.stderr)
+    assert "no DICOM series with uid 1.2.3; found:" in err and uid_a in err and uid_b in err
+    assert _no_outputs(out)
+    proc = run_cli([folder, "--output", out, "--series_uid", uid_b, "--classes", "liver", "--quiet", *weights_args],
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads((out / "two_report.json").read_text())
+    assert rep["series_uid"] == uid_b and rep["slices"] == 1
+    assert nib.load(str(out / "two_seg.nii.gz")).shape == (122, 101, 1)
+
+
+def _without_root_overrides():
+    """preexec_fn for root: drop the capabilities that let root write whatever the mode bits say
+    (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER) from the bounding set before exec."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2, 3):
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def test_output_folder_not_writable(data_root, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    extra = {"preexec_fn": _without_root_overrides} if os.geteuid() == 0 else {}
+    try:
+        for out, problem in ((locked, f"output folder {locked} is not writable"),
+                             (locked / "sub" / "out", f"output folder {locked / 'sub' / 'out'} cannot be made: "
+                                                      f"{locked} is not writable")):
+            proc = subprocess.run(automedsam_cmd() + ["segment", str(data_root / POLYP), "--output", str(out)],
+                                  cwd=tmp_path, capture_output=True, text=True, timeout=300, **extra)
+            assert proc.returncode == 2, proc.stderr
+            (err,) = error_lines(proc.stderr)
+            assert problem in err, err
+            assert "Traceback" not in proc.stderr
+        assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o755)
+
+
+_KILL_MID_WRITE = r"""
+import os, signal, sys
+import automedsam.segment as S
+
+target = sys.argv[1]
+original = S._Staged.write
+
+def write(self, final, writer):
+    if final.name != target:
+        return original(self, final, writer)
+    def half_then_die(tmp):
+        writer(tmp)
+        with open(tmp, "r+b") as fh:
+            fh.truncate(os.path.getsize(tmp) // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(self, final, half_then_die)
+
+S._Staged.write = write
+from automedsam.cli import main
+main(sys.argv[2:])
+"""
+
+
+def _complete_output_sets(out: Path) -> dict[str, list[str]]:
+    """Every file under a final name must be whole (PNGs decode, JSON parses) and every report's
+    outputs must exist; returns {stem: output names} of the reports."""
+    sets = {}
+    for p in out.iterdir():
+        if p.name.startswith(".tmp-"):
+            continue
+        if p.suffix == ".png":
+            with Image.open(p) as im:
+                im.load()  # raises on a truncated file
+        elif p.suffix == ".json":
+            rep = json.loads(p.read_text())
+            assert all(Path(v).is_file() for v in rep["outputs"].values()), rep["outputs"]
+            sets[rep["stem"]] = sorted(Path(v).name for v in rep["outputs"].values())
+    return sets
+
+
+def test_killing_segment_leaves_no_partial_file_under_a_final_name(data_root, weights_args, tmp_path):
+    import signal
+    import time
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    names = sorted(p.name for p in (data_root / "polyp/kvasir-seg/images").glob("*.jpg"))[:4]
+    for i, n in enumerate(names):
+        (folder / f"{'abcd'[i]}.jpg").write_bytes((data_root / "polyp/kvasir-seg/images" / n).read_bytes())
+
+    # 1. killed while b's overlay is half written: a is complete, nothing of b under a final name
+    out = tmp_path / "out1"
+    script = tmp_path / "kill_mid_write.py"
+    script.write_text(_KILL_MID_WRITE)
+    proc = subprocess.run([sys.executable, str(script), "b_overlay.png", "segment", str(folder), "--output", str(out),
+                           "--quiet", *weights_args], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert _complete_output_sets(out) == {"a": ["a_overlay.png", "a_report.json", "a_seg.png"]}
+    final = sorted(p.name for p in out.iterdir() if not p.name.startswith(".tmp-"))
+    assert final == ["a_overlay.png", "a_report.json", "a_seg.png"]
+    assert [p.name for p in out.iterdir() if p.name.startswith(".tmp-")], "the half-written temporary is there"
+
+    # 2. killed from outside at an arbitrary moment after the first result: only whole files
+    out = tmp_path / "out2"
+    p = subprocess.Popen(automedsam_cmd() + ["segment", str(folder), "--output", str(out), "--quiet", *weights_args],
+                         cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not (out / "a_report.json").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(float(np.random.default_rng().uniform(0.0, 2.0)))
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    sets = _complete_output_sets(out)
+    assert "a" in sets
+    # 3. the same command with --overwrite finishes the job
+    proc = run_cli([folder, "--output", out, "--quiet", "--overwrite", *weights_args], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(_complete_output_sets(out)) == ["a", "b", "c", "d"]

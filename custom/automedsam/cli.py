@@ -26,12 +26,12 @@ def cache(datalist, base_dir=None, cache_dir="cache", backbone="lite_medsam", ch
 
 def segment(*inputs, output=None, classes=None, modality=None, device="cpu", weights=None, bundle=None,
             largest_component=False, uncertainty=0, box=None, point=None, overwrite=False, quiet=False,
-            threshold=0.5, batch_size=None):
+            threshold=0.5, batch_size=None, max_voxels=None, series_uid=None):
     """Segment images or volumes by class name.
 
     automedsam segment INPUT [INPUT ...] --output DIR [--classes liver,spleen] [--modality ct|mr|endoscopy|xray]
                        [--device cpu|cuda] [--largest_component] [--uncertainty N] [--box ...] [--point ...]
-                       [--overwrite] [--quiet]
+                       [--overwrite] [--quiet] [--max_voxels N] [--series_uid UID|all]
 
     INPUT: a NIfTI file, a DICOM series folder, a 2D image (PNG/JPG/BMP/TIFF), a MedSAM .npz, or a
     folder of such files (each segmented in turn, the model loaded once; a bad file is reported
@@ -42,6 +42,11 @@ def segment(*inputs, output=None, classes=None, modality=None, device="cpu", wei
     <stem>_report.json, <stem>_seg.dcm (DICOM-SEG, DICOM input), <stem>_uncertainty.nii.gz/.png
     (--uncertainty). Label ids: 1 liver, 2 spleen, 3 kidney_left, 4 kidney_right, 5 pancreas,
     6 brain_tumor, 7 polyp, 8 lungs.
+
+    Bad input (a missing, truncated or unreadable file, a 1D or 4D array, a constant or all-zero
+    image, NaN/Inf voxels, more voxels than --max_voxels) is refused with one line naming the file;
+    NaN/Inf voxels are never guessed: replace them in the file. Nothing is written for a refused
+    input, and every output is written under a temporary name and renamed into place.
 
     Corrections name their class with a prefix when --classes lists several, e.g.
     --box liver:40,30,90,80,12 --point liver:60,55,12,1 (column, row, slice, label).
@@ -70,6 +75,11 @@ def segment(*inputs, output=None, classes=None, modality=None, device="cpu", wei
         quiet: no progress bar and no per-input summary (warnings and errors still show).
         threshold: foreground probability threshold (0.5).
         batch_size: slices per image-encoder call (default 4 on CPU, 16 on CUDA).
+        max_voxels: refuse inputs with more voxels than this, checked from the file's header
+            before its data is read (default $AUTOMEDSAM_MAX_VOXELS or 268435456 = 2**28; 0: no
+            limit).
+        series_uid: a DICOM folder holding several series is refused, listing them; name the one
+            to segment with its SeriesInstanceUID, or give "all" to segment each in turn.
     """
     import warnings
 
@@ -104,6 +114,10 @@ def segment(*inputs, output=None, classes=None, modality=None, device="cpu", wei
         classes = str(classes)
     if isinstance(output, (tuple, list)):
         output = ",".join(str(x) for x in output)
+    if series_uid is not None:
+        series_uid = str(series_uid)
+    if max_voxels is not None and (isinstance(max_voxels, bool) or not isinstance(max_voxels, (int, float))):
+        _fail(f"--max_voxels must be a whole number of voxels (0: no limit), got {max_voxels!r}")
     import logging
 
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)  # GPU DICOM decoder absent
@@ -115,7 +129,8 @@ def segment(*inputs, output=None, classes=None, modality=None, device="cpu", wei
                                   weights=weights, bundle=bundle, largest_component=bool(largest_component),
                                   uncertainty=int(uncertainty or 0), box=box, point=point,
                                   overwrite=bool(overwrite), progress=not quiet, threshold=float(threshold),
-                                  batch_size=batch_size, on_error="skip", warn=warn, on_result=on_result)
+                                  batch_size=batch_size, on_error="skip", warn=warn, on_result=on_result,
+                                  max_voxels=max_voxels, series_uid=series_uid)
     except (SegmentError, InputError, CheckpointError, ValueError, OSError) as e:
         _fail(" ".join(str(e).split()) or type(e).__name__)
     except KeyboardInterrupt:

@@ -13,7 +13,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 from ignite.engine import Events
+from ignite.handlers.checkpoint import BaseSaveHandler
 from ignite.metrics import Metric
+from monai.handlers import CheckpointSaver
 from monai.inferers import Inferer
 
 from .classes import CLASSES
@@ -180,21 +182,146 @@ class TrainableState:
 
 class EpochSampling:
     """Redraw the dataset's negative subsample (``set_epoch``) and the distributed sampler's
-    shuffle at the start of every epoch."""
+    shuffle at the start of every epoch.
 
-    def __init__(self, dataset, sampler=None):
+    With ``seed``, every random stream training draws from is also reseeded from (seed, epoch)
+    at the start of each epoch: torch's global generator (diffusion timesteps and noise),
+    numpy's and Python's, and a ``RandomSampler``'s own generator. An epoch's randomness then
+    depends on its number only, so a run resumed from an epoch checkpoint (model, optimiser,
+    scheduler, loss weights, epoch restored) repeats exactly what the uninterrupted run did."""
+
+    def __init__(self, dataset, sampler=None, seed: int | None = None):
         self.dataset = dataset
         self.sampler = sampler
+        self.seed = seed
 
     def attach(self, engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self)
 
     def __call__(self, engine) -> None:
         epoch = engine.state.epoch
+        if self.seed is not None:
+            self.reseed(epoch)
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
         if self.sampler is not None and hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
+
+    def reseed(self, epoch: int) -> None:
+        import random
+
+        s = int(np.random.SeedSequence([int(self.seed), int(epoch)]).generate_state(1, dtype=np.uint32)[0])
+        torch.manual_seed(s)
+        np.random.seed(s)
+        random.seed(s)
+        if isinstance(getattr(self.sampler, "generator", None), torch.Generator):
+            # a new generator, not a reseeded one: the previous epoch's sampler iterator still
+            # holds the old one and draws once more from it when it runs out
+            self.sampler.generator = torch.Generator().manual_seed(s)
+
+
+# ------------------------------------------------------------------ atomic checkpoints and resume
+
+
+def save_atomic(obj, path) -> str:
+    """``torch.save`` to a temporary name in the target folder, fsync, then ``os.replace``: a
+    kill at any moment leaves the old file or the new one under ``path``, never a partial one."""
+    import os
+    import tempfile
+
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600 files
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+class AtomicDiskSaver(BaseSaveHandler):
+    """Save handler for ignite's ``Checkpoint``: atomic writes (:func:`save_atomic`), and the
+    checkpoint a new one replaces is deleted only after the new one is in place (ignite deletes
+    first, which leaves no checkpoint at all if the process dies in between). Rank 0 writes."""
+
+    def __init__(self, dirname, filename: str | None = None):
+        self.dirname = str(dirname)
+        self.filename = filename  # a fixed name (best_model.pt), else ignite's
+        self._pending: list[str] = []
+
+    def __call__(self, checkpoint, filename: str, metadata=None) -> None:
+        import os
+
+        import torch.distributed as dist
+
+        name = self.filename or filename
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+            save_atomic(checkpoint, os.path.join(self.dirname, name))
+            for old in self._pending:
+                if old != name:
+                    try:
+                        os.remove(os.path.join(self.dirname, old))
+                    except FileNotFoundError:
+                        pass
+        self._pending = []
+
+    def remove(self, filename: str) -> None:
+        name = self.filename or filename
+        if name not in self._pending:
+            self._pending.append(name)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI's ``CheckpointSaver`` (same arguments) writing through :class:`AtomicDiskSaver`:
+    MONAI's own disk saver writes straight to the final name (``atomic=False``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for ck in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if ck is not None:
+                ck.save_handler = AtomicDiskSaver(self.save_dir, getattr(ck.save_handler, "filename", None))
+
+
+class ValidationState:
+    """Checkpoint view of the validation side of training: the evaluator's best metric and the
+    best-model saver's record of it. Without it a resumed run forgets the best score and its
+    next validation overwrites ``best_model.pt`` whether or not it is better."""
+
+    def __init__(self, evaluator, best_saver=None):
+        self.evaluator = evaluator
+        self.best_saver = best_saver
+
+    def _checkpoint(self):
+        return getattr(self.best_saver, "_key_metric_checkpoint", None) if self.best_saver is not None else None
+
+    def state_dict(self) -> dict:
+        st = self.evaluator.state
+        ck = self._checkpoint()
+        return {"best_metric": float(getattr(st, "best_metric", -1.0)),
+                "best_metric_epoch": int(getattr(st, "best_metric_epoch", -1)),
+                "best_saved": [[float(p), str(f)] for p, f in (ck._saved if ck is not None else [])]}
+
+    def load_state_dict(self, state: dict) -> None:
+        st = self.evaluator.state
+        st.best_metric = float(state.get("best_metric", -1.0))
+        st.best_metric_epoch = int(state.get("best_metric_epoch", -1))
+        ck = self._checkpoint()
+        if ck is not None:
+            from ignite.handlers.checkpoint import Checkpoint
+
+            ck._saved = [Checkpoint.Item(p, f) for p, f in state.get("best_saved", [])]
 
 
 def latest_checkpoint(output_dir: str) -> str | None:

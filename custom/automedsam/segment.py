@@ -116,39 +116,62 @@ def _may_hold_dicom(folder: Path) -> bool:
     return False
 
 
-def _series_items(folder: Path) -> list[InputItem]:
+def _series_items(folder: Path, series_uid: str | None = "all", wanted: dict | None = None) -> list[InputItem]:
+    """Items of a DICOM folder: ``"all"``: one per series; None: the folder (a folder holding
+    several series then fails when read, listing them); a UID: that series only (recorded in
+    ``wanted``; folders without it give nothing)."""
     series = list_dicom_series(folder)
-    if len(series) == 1:
-        return [InputItem(folder, _safe_stem(folder.name))]
-    return [InputItem(folder, _safe_stem(f"{folder.name}_{s['uid'][-8:]}"), s["uid"]) for s in series]
+    stem = _safe_stem(folder.name)
+    if series_uid == "all":
+        if len(series) == 1:
+            return [InputItem(folder, stem)]
+        return [InputItem(folder, _safe_stem(f"{folder.name}_{s['uid'][-8:]}"), s["uid"]) for s in series]
+    if series_uid is None:
+        return [InputItem(folder, stem)]
+    if wanted is not None:
+        wanted.setdefault("folders", []).append(folder)
+    if any(s["uid"] == series_uid for s in series):
+        if wanted is not None:
+            wanted["found"] = True
+        return [InputItem(folder, stem, series_uid)]
+    return []
 
 
 def resolve_inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike],
-                   exclude: str | os.PathLike | None = None) -> tuple[list[InputItem], list[str]]:
+                   exclude: str | os.PathLike | None = None,
+                   series_uid: str | None = "all") -> tuple[list[InputItem], list[str]]:
     """Expand inputs into :class:`InputItem`s, in order; returns (items, notes).
 
     A file is one item (missing files too: they fail when read). A folder that holds DICOM image
-    files is one item per series; any other folder gives its image/volume/npz files and the
-    DICOM series in its direct sub-folders (other files are listed in ``notes``). Items whose
-    stems clash get their parent folder's name in front (then a number).
+    files gives its series (see ``series_uid``); any other folder gives its image/volume/npz files
+    and the DICOM series in its direct sub-folders (other files are listed in ``notes``). Items
+    whose stems clash get their parent folder's name in front (then a number).
+
+    ``series_uid``: ``"all"`` - one item per series of a folder holding several; None - such a
+    folder is one item that fails when read, with a message listing its series; a series UID -
+    only that series (folders without it are skipped; when no folder holds it, each DICOM
+    folder is an item that fails listing the series it does hold).
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
+    if series_uid is not None:
+        series_uid = str(series_uid).strip()
     excl = Path(exclude).resolve() if exclude else None
     items: list[InputItem] = []
     notes: list[str] = []
+    wanted: dict = {}
     for raw in inputs:
         p = Path(str(raw))
         if not p.is_dir():
             items.append(InputItem(p, _safe_stem(_strip_suffix(p.name))))
             continue
         if _may_hold_dicom(p) and list_dicom_series(p):
-            items.extend(_series_items(p))
+            items.extend(_series_items(p, series_uid, wanted))
             # other image files sitting beside the series are inputs too
             items.extend(InputItem(f, _safe_stem(_strip_suffix(f.name))) for f in sorted(p.iterdir())
                          if f.is_file() and f.name.lower().endswith(_INPUT_SUFFIXES) and not f.name.startswith("."))
             continue
-        found, ignored = [], []
+        found, ignored, series_dirs = [], [], 0
         for f in sorted(p.iterdir()):
             if f.name.startswith(".") or (excl is not None and f.resolve() == excl):
                 continue
@@ -158,13 +181,22 @@ def resolve_inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike],
                 else:
                     ignored.append(f.name)
             elif f.is_dir() and _may_hold_dicom(f) and list_dicom_series(f):
-                found.extend(_series_items(f))
+                series_dirs += 1
+                found.extend(_series_items(f, series_uid, wanted))
         if ignored:
             notes.append(f"{p}: ignored {len(ignored)} file(s) that are not images: {', '.join(ignored[:5])}"
                          + (" ..." if len(ignored) > 5 else ""))
-        if not found:
+        if not found and not series_dirs:
             notes.append(f"{p}: no images, volumes or DICOM series in this folder")
         items.extend(found)
+    if wanted.get("folders") and not wanted.get("found"):
+        # the asked-for series is nowhere: each DICOM folder fails when read, listing its series
+        items.extend(InputItem(f, _safe_stem(f.name), series_uid) for f in wanted["folders"])
+    elif wanted.get("folders"):
+        skipped = [f for f in wanted["folders"] if not any(it.path == f for it in items)]
+        if skipped:
+            notes.append(f"{len(skipped)} DICOM folder(s) without series {series_uid} skipped: "
+                         + ", ".join(str(f) for f in skipped[:3]) + (" ..." if len(skipped) > 3 else ""))
     # unique stems: parent folder name in front of clashing ones, then a counter
     by_stem: dict[str, list[InputItem]] = {}
     for it in items:
@@ -191,6 +223,32 @@ def output_paths(output_dir: str | os.PathLike, stem: str) -> dict[str, Path]:
 
 def _existing_outputs(output_dir, stem) -> list[Path]:
     return [p for p in output_paths(output_dir, stem).values() if p.exists()]
+
+
+def check_output_dir(output_dir: str | os.PathLike) -> Path:
+    """Refuse (:class:`SegmentError`) an output folder that cannot be written, before any work.
+
+    An existing folder is probed with a temporary file (removed at once); a folder still to be
+    made needs its nearest existing parent to be a writable folder. Nothing is left behind."""
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise SegmentError(f"output {out} exists and is not a folder")
+    if out.is_dir():
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".tmp-probe-", dir=out)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise SegmentError(f"output folder {out} is not writable ({e.strerror or type(e).__name__})") from None
+        return out
+    parent = out.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SegmentError(f"output folder {out} cannot be made: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SegmentError(f"output folder {out} cannot be made: {parent} is not writable")
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -608,7 +666,8 @@ class Segmenter:
     # ---- one input -----------------------------------------------------------------------
     def segment_file(self, path: str | os.PathLike, classes=None, modality: str | None = None,
                      largest_component: bool = False, uncertainty: int = 0, box=None, point=None,
-                     series_uid: str | None = None, stem: str | None = None) -> SegmentationResult:
+                     series_uid: str | None = None, stem: str | None = None,
+                     max_voxels: int | None = None) -> SegmentationResult:
         """Segment one file (or DICOM series folder) and return arrays; nothing is written.
 
         Args:
@@ -622,9 +681,11 @@ class Segmenter:
             box, point: interactive corrections (see :func:`parse_box`, :func:`parse_points`);
                 coordinates are the input's pixel column x and row y on slice k as stored.
             series_uid: which series of a DICOM folder holding several.
+            max_voxels: refuse larger inputs from their header (see
+                :func:`~automedsam.data.io.load_image`).
         """
         t0 = time.perf_counter()
-        loaded = load_image(path, series_uid=series_uid)
+        loaded = load_image(path, series_uid=series_uid, max_voxels=max_voxels)
         t_load = time.perf_counter() - t0
         return self.segment_loaded(loaded, classes=classes, modality=modality, largest_component=largest_component,
                                    uncertainty=uncertainty, box=box, point=point, stem=stem,
@@ -861,20 +922,33 @@ def segment(inputs: str | os.PathLike | Iterable[str | os.PathLike], output_dir:
             box=None, point=None, overwrite: bool = False, progress: bool = False, threshold: float = 0.5,
             batch_size: int | None = None, network=None, on_error: str = "raise",
             warn: Callable[[str], None] | None = None,
-            on_result: Callable[[dict], None] | None = None) -> list[dict]:
+            on_result: Callable[[dict], None] | None = None, max_voxels: int | None = None,
+            series_uid: str | None = None) -> list[dict]:
     """Segment files, DICOM series folders or folders of them; write the outputs to ``output_dir``.
 
     The network is loaded once for all inputs. Returns one dict per input:
     ``{"input", "stem", "ok", "error", "outputs": {kind: path}, "report"}``.
 
     Run-level problems (unknown class or modality, outputs already there without
-    ``overwrite``, corrections with several inputs, missing weights) raise
-    :class:`SegmentError` (or ``CheckpointError``) before anything is written. A bad input raises
-    :class:`~automedsam.data.io.InputError` with ``on_error="raise"``; with ``on_error="skip"``
-    its dict has ``ok=False`` and the one-line ``error``, and the other inputs go on.
+    ``overwrite``, an output folder that cannot be written, corrections with several inputs,
+    missing weights) raise :class:`SegmentError` (or ``CheckpointError``) before anything is
+    written. A bad input raises :class:`~automedsam.data.io.InputError` with
+    ``on_error="raise"``; with ``on_error="skip"`` its dict has ``ok=False`` and the one-line
+    ``error``, and the other inputs go on.
+
+    ``max_voxels``: inputs whose header promises more voxels are refused before their data is
+    read (None: $AUTOMEDSAM_MAX_VOXELS or ``DEFAULT_MAX_VOXELS``; 0: no limit). ``series_uid``:
+    a DICOM folder holding several series is refused, listing them, unless this names one of
+    them or is ``"all"`` (each series in turn).
     """
+    from .data.io import max_voxels_limit
+
     if on_error not in ("raise", "skip"):
         raise SegmentError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    try:
+        max_voxels = max_voxels_limit(max_voxels)
+    except ValueError as e:
+        raise SegmentError(str(e)) from None
     if classes not in (None, "", "all"):
         try:
             parse_classes(classes)
@@ -894,10 +968,8 @@ def segment(inputs: str | os.PathLike | Iterable[str | os.PathLike], output_dir:
                 raise SegmentError(str(e)) from None
     if output_dir is None or str(output_dir) == "":
         raise SegmentError("no output folder given (--output DIR)")
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise SegmentError(f"output {out} exists and is not a folder")
-    items, notes = resolve_inputs(inputs, exclude=out)
+    out = check_output_dir(output_dir)
+    items, notes = resolve_inputs(inputs, exclude=out, series_uid=series_uid)
     emit = warn or (lambda m: warnings.warn(m, stacklevel=2))
     for n in notes:
         emit(n)
@@ -920,7 +992,7 @@ def segment(inputs: str | os.PathLike | Iterable[str | os.PathLike], output_dir:
                                  "report": None}
         try:
             loaded_t = time.perf_counter()
-            loaded = load_image(it.path, series_uid=it.series_uid)
+            loaded = load_image(it.path, series_uid=it.series_uid, max_voxels=max_voxels)
             read_s = time.perf_counter() - loaded_t
             if modality is None:
                 guess_modality(loaded)  # fail on this input before the model is loaded

@@ -44,6 +44,9 @@ __all__ = [
     "list_dicom_series",
     "input_kind",
     "content_sha256",
+    "header_voxels",
+    "max_voxels_limit",
+    "DEFAULT_MAX_VOXELS",
     "IMAGE_2D_SUFFIXES",
     "VOLUME_SUFFIXES",
 ]
@@ -60,6 +63,11 @@ _DICOM_MODALITY_HINT = {"CT": "ct", "MR": "mr", "CR": "xray", "DX": "xray", "ES"
 # DICOM objects that are not images to segment (our own DICOM-SEG output may sit beside the series).
 _NON_IMAGE_MODALITIES = {"SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "SR", "PR", "KO", "REG", "DOC"}
 _AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+# Inputs with more voxels than this are refused from their header, before the data is read
+# (segmenting needs roughly 40 bytes per voxel with five classes: 2**28 voxels ~ 10 GiB).
+# ``max_voxels`` arguments, then $AUTOMEDSAM_MAX_VOXELS, then this; 0 means no limit.
+DEFAULT_MAX_VOXELS = 2 ** 28
 
 
 class InputError(ValueError):
@@ -178,6 +186,106 @@ def content_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def max_voxels_limit(max_voxels: int | None = None) -> int:
+    """The voxel limit in force: ``max_voxels`` if given, else $AUTOMEDSAM_MAX_VOXELS, else
+    :data:`DEFAULT_MAX_VOXELS`; 0 means no limit."""
+    if max_voxels is None:
+        env = os.environ.get("AUTOMEDSAM_MAX_VOXELS", "").strip()
+        if env:
+            try:
+                max_voxels = int(float(env))
+            except ValueError:
+                raise ValueError(f"AUTOMEDSAM_MAX_VOXELS must be a whole number of voxels, got '{env}'") from None
+        else:
+            max_voxels = DEFAULT_MAX_VOXELS
+    try:
+        limit = int(max_voxels)
+    except (TypeError, ValueError):
+        raise ValueError(f"max_voxels must be a whole number of voxels (0: no limit), got {max_voxels!r}") from None
+    if limit < 0 or limit != float(max_voxels):
+        raise ValueError(f"max_voxels must be a whole number >= 0 (0: no limit), got {max_voxels!r}")
+    return limit
+
+
+class _PilNoBombLimit:
+    """PIL's own decompression-bomb refusal off for a moment: the voxel limit decides instead."""
+
+    def __enter__(self):
+        from PIL import Image
+
+        self._saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+
+    def __exit__(self, *exc):
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = self._saved
+        return False
+
+
+def header_voxels(path: str | os.PathLike, kind: str | None = None) -> tuple[int, tuple[int, ...]] | None:
+    """(voxel count, array shape) that a file's header promises, read without its pixel data.
+
+    NIfTI (nibabel header), MHA/NRRD (ITK ImageIO information), a DICOM file (Rows, Columns,
+    NumberOfFrames), 2D images (PIL's lazy open) and MedSAM ``.npz`` (the ``imgs`` member's
+    ``.npy`` header). None when the header cannot tell (the reader then reports the file).
+    DICOM series folders: see ``list_dicom_series`` (``voxels`` per series).
+    """
+    p = Path(path)
+    kind = kind or input_kind(p)
+    try:
+        if kind == "nifti":
+            import nibabel as nib
+
+            shape = tuple(int(v) for v in nib.load(str(p)).header.get_data_shape())
+        elif kind == "itk":
+            import itk
+
+            image_io = itk.ImageIOFactory.CreateImageIO(str(p), itk.CommonEnums.IOFileMode_ReadMode)
+            if image_io is None:
+                return None
+            image_io.SetFileName(str(p))
+            image_io.ReadImageInformation()
+            shape = tuple(int(image_io.GetDimensions(i)) for i in range(image_io.GetNumberOfDimensions()))
+        elif kind == "dicom_file":
+            import pydicom
+
+            ds = pydicom.dcmread(str(p), stop_before_pixels=True, specific_tags=["Rows", "Columns", "NumberOfFrames"])
+            frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+            shape = (int(ds.Columns), int(ds.Rows)) + ((frames,) if frames > 1 else ())
+        elif kind == "image2d":
+            from PIL import Image
+
+            with _PilNoBombLimit(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with Image.open(p) as im:
+                    frames = int(getattr(im, "n_frames", 1) or 1)
+                    shape = (int(im.height), int(im.width)) + ((frames,) if frames > 1 else ())
+        elif kind == "npz":
+            import zipfile
+
+            with zipfile.ZipFile(p) as z:
+                if "imgs.npy" not in z.namelist():
+                    return None
+                with z.open("imgs.npy") as fh:
+                    version = np.lib.format.read_magic(fh)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                        np.lib.format.read_array_header_2_0
+                    shape = tuple(int(v) for v in read(fh)[0])
+        else:
+            return None
+    except Exception:
+        return None
+    return int(np.prod(shape, dtype=np.int64)) if shape else 0, shape
+
+
+def _check_voxels(path, n: int, shape: tuple[int, ...] | None, limit: int) -> None:
+    if limit and n > limit:
+        dims = "x".join(str(v) for v in shape) + " = " if shape else ""
+        raise _fail(path, f"{dims}{n:,} voxels is over the limit of {limit:,} voxels; refused before reading the "
+                          f"data (raise it with --max_voxels N or $AUTOMEDSAM_MAX_VOXELS; 0 = no limit)")
 
 
 _LOADER = None
@@ -326,7 +434,7 @@ def list_dicom_series(folder: str | os.PathLike) -> list[dict]:
         raise _fail(folder, "not a folder")
     series: dict[str, dict] = {}
     tags = ["SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID", "SOPInstanceUID", "SOPClassUID",
-            "Modality", "SeriesDescription", "SeriesNumber", "Rows", "Columns"]
+            "Modality", "SeriesDescription", "SeriesNumber", "Rows", "Columns", "NumberOfFrames"]
     for f in sorted(folder.iterdir()):
         if not f.is_file():
             continue
@@ -343,10 +451,21 @@ def list_dicom_series(folder: str | os.PathLike) -> list[dict]:
             "study_uid": str(getattr(ds, "StudyInstanceUID", "") or ""),
             "frame_of_reference_uid": str(getattr(ds, "FrameOfReferenceUID", "") or ""),
             "sop_class_uid": str(getattr(ds, "SOPClassUID", "") or ""), "files": [], "sop_instance_uids": {},
+            "voxels": 0,
         })
         s["files"].append(str(f))
+        s["voxels"] += _dicom_voxels(ds)
         s["sop_instance_uids"][str(f)] = str(getattr(ds, "SOPInstanceUID", "") or "")
     return sorted(series.values(), key=lambda s: -len(s["files"]))
+
+
+def _dicom_voxels(ds) -> int:
+    """Pixels a DICOM header promises (Rows x Columns x NumberOfFrames)."""
+    try:
+        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        return int(ds.Rows) * int(ds.Columns) * max(1, frames)
+    except Exception:
+        return 0
 
 
 def _describe_series(series: list[dict]) -> str:
@@ -376,7 +495,7 @@ def _gdcm_identifier(folder: Path, files: list[str]) -> tuple[str, list[str]]:
     return matches[0][0], matches[0][1]
 
 
-def _load_dicom_series(folder: Path, series_uid: str | None) -> tuple[np.ndarray, dict, dict]:
+def _load_dicom_series(folder: Path, series_uid: str | None, max_voxels: int = 0) -> tuple[np.ndarray, dict, dict]:
     from monai.data import ITKReader
 
     series = list_dicom_series(folder)
@@ -387,13 +506,15 @@ def _load_dicom_series(folder: Path, series_uid: str | None) -> tuple[np.ndarray
     if series_uid is None:
         if len(series) > 1:
             raise _fail(folder, f"folder holds {len(series)} DICOM series: {_describe_series(series)}; "
-                                f"choose one with series_uid=...")
+                                f"choose one with series_uid=UID (automedsam segment --series_uid UID, or "
+                                f"--series_uid all for each in turn)")
         chosen = series[0]
     else:
         found = [s for s in series if s["uid"] == series_uid]
         if not found:
             raise _fail(folder, f"no DICOM series with uid {series_uid}; found: {_describe_series(series)}")
         chosen = found[0]
+    _check_voxels(folder, chosen["voxels"], None, max_voxels)
     ident, ordered = _gdcm_identifier(folder, chosen["files"])
     arr, meta = _load(folder, ITKReader(series_name=ident))
     uids = {os.path.realpath(k): v for k, v in chosen["sop_instance_uids"].items()}
@@ -426,7 +547,7 @@ def _dicom_file_info(path: Path) -> dict:
 
 
 def _read_native(path: Path, kind: str, series_uid: str | None = None, label: bool = False,
-                 npz_key: str | None = None) -> tuple[np.ndarray, dict, dict | None, str]:
+                 npz_key: str | None = None, max_voxels: int = 0) -> tuple[np.ndarray, dict, dict | None, str]:
     """(native array, MONAI meta, dicom info or None, reader name). Raises InputError."""
     from monai.data import ITKReader, NibabelReader, NumpyReader, PILReader
 
@@ -440,7 +561,7 @@ def _read_native(path: Path, kind: str, series_uid: str | None = None, label: bo
             arr, meta = _load(path, reader)
         elif kind == "dicom_series":
             reader = ITKReader()
-            arr, meta, dicom = _load_dicom_series(path, series_uid)
+            arr, meta, dicom = _load_dicom_series(path, series_uid, max_voxels)
         elif kind == "dicom_file":
             dicom = _dicom_file_info(path)
             reader = ITKReader()
@@ -448,7 +569,11 @@ def _read_native(path: Path, kind: str, series_uid: str | None = None, label: bo
         elif kind == "image2d":
             conv = _pil_label_converter if label else _pil_image_converter
             reader = PILReader(converter=conv, reverse_indexing=False)
-            arr, meta = _load(path, reader)
+            if max_voxels:  # the voxel limit was checked from the header: PIL's bomb limit need not apply
+                with _PilNoBombLimit():
+                    arr, meta = _load(path, reader)
+            else:
+                arr, meta = _load(path, reader)
         elif kind == "npz":
             key = npz_key or ("gts" if label else "imgs")
             with np.load(path, allow_pickle=False) as z:
@@ -469,7 +594,8 @@ def _read_native(path: Path, kind: str, series_uid: str | None = None, label: bo
     return arr, meta, dicom, type(reader).__name__
 
 
-def load_image(path: str | os.PathLike, series_uid: str | None = None, orientation: str | None = "LPS") -> LoadedImage:
+def load_image(path: str | os.PathLike, series_uid: str | None = None, orientation: str | None = "LPS",
+               max_voxels: int | None = None) -> LoadedImage:
     """Read an image or volume (see the module doc for the kinds) into a :class:`LoadedImage`.
 
     Args:
@@ -477,14 +603,25 @@ def load_image(path: str | os.PathLike, series_uid: str | None = None, orientati
         series_uid: which series to read when a DICOM folder holds several.
         orientation: voxel axis codes volumes are turned to before slicing (``"LPS"``: the
             radiological view); ``None`` keeps the file's voxel order.
+        max_voxels: refuse inputs whose header promises more voxels than this, before their data
+            is read (None: $AUTOMEDSAM_MAX_VOXELS or :data:`DEFAULT_MAX_VOXELS`; 0: no limit).
 
     Raises:
         InputError: missing path, unreadable/truncated/non-image file, 1D or 4D arrays, several
-            DICOM series without ``series_uid``, a constant image, NaN/Inf voxels.
+            DICOM series without ``series_uid``, more voxels than ``max_voxels``, a constant
+            (e.g. all-zero) image, NaN/Inf voxels (refused, never guessed).
     """
     p = Path(path)
     kind = input_kind(p)
-    arr, rmeta, dicom, reader_name = _read_native(p, kind, series_uid)
+    limit = max_voxels_limit(max_voxels)
+    promised = None
+    if limit and kind != "dicom_series":  # a series is counted from its files' headers when chosen
+        promised = header_voxels(p, kind)
+        if promised is not None:
+            _check_voxels(p, promised[0], promised[1], limit)
+    arr, rmeta, dicom, reader_name = _read_native(p, kind, series_uid, max_voxels=limit)
+    if promised is None and kind != "dicom_series":  # a header that could not tell: count what was read
+        _check_voxels(p, int(arr.size), tuple(arr.shape), limit)
     original_shape = tuple(int(s) for s in arr.shape)
     native_dtype = str(arr.dtype)
     if arr.dtype.kind not in "biuf":
