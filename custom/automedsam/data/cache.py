@@ -17,6 +17,13 @@ is detected and recomputed. ``build`` skips finished slices, so a killed run res
 
 Small per-case records (``cases/*.json``: slice count and classes present per slice, from
 the label alone) let datasets enumerate samples without touching the big files.
+
+Several processes (``torchrun ... automedsam cache``, or multi_gpu_train.yaml) share a build:
+with ``rank``/``world_size`` each encodes the slices whose key falls to it
+(:func:`owner_rank`) and writes only those files and the case records falling to it, so no
+two processes ever write one file; the files are the ones a single process would write. The
+share depends on the key alone, so overlapping builds (a volume in both the training and the
+validation list) give a slice to the same rank every time.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from .io import content_sha256, load_image, load_label
 from .preprocess import LOW_RES, InputGeometry, PreprocessConfig, mask_to_box, mask_to_input, mask_to_low_res, \
     to_backbone_input
 
-__all__ = ["CACHE_FORMAT", "CacheError", "EmbeddingCache", "build_cache", "file_sha256"]
+__all__ = ["CACHE_FORMAT", "CacheError", "EmbeddingCache", "build_cache", "file_sha256", "owner_rank"]
 
 CACHE_FORMAT = 1  # bump when the file layout or what is stored changes
 _MAGIC = b"AUTOMEDSAM-CACHE-1\n"
@@ -63,6 +70,12 @@ def file_sha256(path: str | os.PathLike) -> str:
     if memo_key not in _SHA_MEMO:
         _SHA_MEMO[memo_key] = content_sha256(p)
     return _SHA_MEMO[memo_key]
+
+
+def owner_rank(key: str, world_size: int) -> int:
+    """The rank that computes and writes the cache file of ``key`` (a slice or case key) when
+    ``world_size`` processes share a build."""
+    return int(key[:15], 16) % max(1, int(world_size))
 
 
 def _sha_json(obj: Any) -> str:
@@ -156,6 +169,8 @@ class EmbeddingCache:
             from ..backbones import build_backbone
 
             self._backbone = build_backbone(self.backbone_name, self.checkpoint)
+            # the fast CPU path when available: it agrees with eager to ~1e-5, far below fp16 storage
+            self._backbone.set_encoder_runtime("auto")
         return self._backbone
 
     @property
@@ -189,9 +204,16 @@ class EmbeddingCache:
 
     # ---------------------------------------------------------------- case records
 
-    def case_record(self, entry: dict, label_slices: np.ndarray | None = None, n_slices: int | None = None) -> dict:
-        """{num_slices, classes: [[class ids present] per slice], ...} from the label alone (cached)."""
-        path = self.root / "cases" / f"{self.case_key(entry)}.json"
+    def case_record(self, entry: dict, label_slices: np.ndarray | None = None, n_slices: int | None = None,
+                    write: bool | None = None) -> dict:
+        """{num_slices, classes: [[class ids present] per slice], ...} from the label alone (cached).
+
+        A missing record is computed and, with ``write``, saved; ``write=None`` saves it only in
+        the process that owns the case (:func:`owner_rank` of the case key, torch.distributed's or
+        $RANK/$WORLD_SIZE's rank): other ranks compute it in memory instead of writing it too.
+        """
+        key = self.case_key(entry)
+        path = self.root / "cases" / f"{key}.json"
         if path.is_file():
             try:
                 rec = json.loads(path.read_text())
@@ -212,7 +234,11 @@ class EmbeddingCache:
         rec = {"format": CACHE_FORMAT, "image": str(entry["image"]), "label": entry.get("label"),
                "dataset": entry["dataset"], "modality": entry["modality"], "num_slices": len(classes),
                "classes": classes}
-        _atomic_bytes(path, json.dumps(rec).encode())
+        if write is None:
+            rank, world_size = _dist_rank()
+            write = owner_rank(key, world_size) == rank
+        if write:
+            _atomic_bytes(path, json.dumps(rec).encode())
         return rec
 
     @staticmethod
@@ -353,25 +379,30 @@ class EmbeddingCache:
         """Compute every missing slice of ``entries`` (this rank's share); returns counts.
 
         Finished slices are skipped (with ``verify`` their checksums are checked first and
-        corrupt ones recomputed), so a killed run resumes where it stopped. Slices are shared
-        between ranks by key (``int(key) % world_size == rank``). ``max_slices`` stops after
-        that many computed slices (a budget).
+        corrupt ones recomputed), so a killed run resumes where it stopped. Slices and case records
+        are shared between ranks by key (:func:`owner_rank`): a rank computes and writes only its
+        own, so ranks run concurrently without ever writing the same file (no barrier needed).
+        ``max_slices`` stops after that many computed slices (a budget).
         """
         from tqdm.auto import tqdm
 
         if not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         entries = list(entries)
-        self._clean_tmp()
+        if rank == 0:
+            self._clean_tmp()
         corrupt_before = self.stats["corrupt"]
-        plan, total, done = [], 0, 0
+        plan, total, done, planned = [], 0, 0, set()
         scan = tqdm(entries, desc="checking cache", unit="case", disable=not progress or len(entries) < 20,
                     leave=False)
         for entry in scan:
-            rec = self.case_record(entry)
+            rec = self.case_record(entry, write=owner_rank(self.case_key(entry), world_size) == rank)
             ks = self.select_slices(rec, slice_step, only_labelled_slices)
-            mine = [k for k in ks if int(self.slice_key(entry, k)[:15], 16) % world_size == rank]
-            todo = [k for k in mine if not self.is_valid(self.slice_key(entry, k), verify=verify)]
+            keys = {k: self.slice_key(entry, k) for k in ks}
+            # this rank's share, each slice once (a case listed twice, e.g. in two splits, is one case)
+            mine = [k for k in ks if owner_rank(keys[k], world_size) == rank and keys[k] not in planned]
+            planned.update(keys[k] for k in mine)
+            todo = [k for k in mine if not self.is_valid(keys[k], verify=verify)]
             total += len(mine)
             done += len(mine) - len(todo)
             if todo:
@@ -434,7 +465,9 @@ def build_cache(datalist: str | Sequence[str], base_dir: str | None = None, cach
         slice_step: every k-th slice of volumes; only_labelled_slices: skip slices without a class.
         split: "training", "validation", "testing", comma-separated, or "all".
         rank, world_size: share the work between processes (default: torch.distributed or
-            $RANK/$WORLD_SIZE).
+            $RANK/$WORLD_SIZE, so ``torchrun --nproc_per_node=N -m automedsam.cli cache ...``
+            splits it N ways; see :meth:`EmbeddingCache.build`).
+        device: where the encoder runs (default: cuda:$LOCAL_RANK when CUDA is there, else CPU).
     Returns: counts (slices, cached, computed, corrupt_recomputed, seconds, ...).
     """
     from .datalist import load_datalist
@@ -444,12 +477,16 @@ def build_cache(datalist: str | Sequence[str], base_dir: str | None = None, cach
         rank = r if rank is None else rank
         world_size = w if world_size is None else world_size
     names = [d.strip() for d in datalist.split(",")] if isinstance(datalist, str) else list(datalist)
+    if isinstance(split, (list, tuple)):  # the command line (fire) reads training,validation as a tuple
+        split = ",".join(str(s) for s in split)
     entries = []
     for name in names:
         es = load_datalist(name, base_dir=base_dir, split=split)
         entries.extend(es[:max_cases] if max_cases else es)
     from ..backbones import IMAGE_SIZE
 
+    if device is None and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"  # a GPU per process
     cfg = PreprocessConfig(ct_level=ct_level, ct_width=ct_width, mr_lower=mr_lower, mr_upper=mr_upper,
                            size=IMAGE_SIZE[backbone])
     cache = EmbeddingCache(cache_dir, backbone=backbone, preprocess=cfg, checkpoint=checkpoint,
