@@ -117,3 +117,17 @@ def test_a_failing_fast_path_falls_back_to_eager(backbone, monkeypatch, tmp_path
     strict = EncoderRunner(backbone.image_encoder, 256, "lite_medsam", "onnx")
     with pytest.raises(RuntimeError, match="unavailable"):
         strict(x)
+
+
+def test_model_takes_its_runtime_from_the_argument_or_the_environment(backbone, monkeypatch):
+    from automedsam.model import AutoMedSAM
+
+    small = {"channels": (8, 16), "class_dim": 16}
+    monkeypatch.setenv("AUTOMEDSAM_ENCODER_RUNTIME", "eager")
+    assert AutoMedSAM(backbone, prompt_encoder=small).backbone.encoder_runner.runtime == "eager"
+    assert AutoMedSAM(backbone, prompt_encoder=small, encoder_runtime="bf16").backbone.encoder_runner.runtime == "bf16"
+    monkeypatch.delenv("AUTOMEDSAM_ENCODER_RUNTIME")
+    assert AutoMedSAM(backbone, prompt_encoder=small).backbone.encoder_runner.runtime == "auto"
+    monkeypatch.setenv("AUTOMEDSAM_ENCODER_RUNTIME", "fpga")
+    with pytest.raises(ValueError, match="fpga"):
+        AutoMedSAM(backbone, prompt_encoder=small)

@@ -48,15 +48,16 @@ class AutoMedSAM(nn.Module):
         prompt_encoder: keyword arguments for :class:`DiffusionClassPromptEncoder`.
         encoder_runtime: how the frozen encoder runs on CPU: ``auto`` (ONNX Runtime when
             installed, else eager), ``eager``, ``onnx`` or ``bf16``; see :mod:`automedsam.runtime`.
+            None: ``$AUTOMEDSAM_ENCODER_RUNTIME``, else ``auto``.
     """
 
     def __init__(self, backbone: SamBackbone | str = "lite_medsam", checkpoint: str | None = None,
                  num_classes: int = NUM_CLASSES, train_mask_decoder: bool = False, prompt_encoder: dict | None = None,
-                 encoder_runtime: str = "auto"):
+                 encoder_runtime: str | None = None):
         super().__init__()
         if isinstance(backbone, str):
             backbone = build_backbone(backbone, checkpoint)
-        backbone.set_encoder_runtime(encoder_runtime)
+        backbone.set_encoder_runtime(encoder_runtime or os.environ.get("AUTOMEDSAM_ENCODER_RUNTIME") or "auto")
         self.backbone = backbone
         self.train_mask_decoder = train_mask_decoder
         kwargs = dict(prompt_encoder or {})
