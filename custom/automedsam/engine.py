@@ -224,31 +224,14 @@ class EpochSampling:
 
 
 def save_atomic(obj, path) -> str:
-    """``torch.save`` to a temporary name in the target folder, fsync, then ``os.replace``: a
-    kill at any moment leaves the old file or the new one under ``path``, never a partial one."""
-    import os
-    import tempfile
+    """``torch.save`` atomically and durably (see :func:`automedsam.atomic.atomic_write`)."""
+    from .atomic import atomic_write
 
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
             torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+
+    return str(atomic_write(path, write, durable=True))
 
 
 class AtomicDiskSaver(BaseSaveHandler):

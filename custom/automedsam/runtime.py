@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -113,10 +112,9 @@ class OnnxEncoder:
         """Export, check against eager on a fixed input, then rename into place (atomic)."""
         import onnxruntime as ort
 
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=self.directory)
-        os.close(fd)
-        try:
+        from .atomic import atomic_write
+
+        def export_and_check(tmp: str) -> None:
             x = _check_input(image_size)
             with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -131,10 +129,8 @@ class OnnxEncoder:
             if out.shape != ref.shape or not err < AGREEMENT_TOL:
                 raise RuntimeError(f"the ONNX export does not agree with eager (relative error {err:.2e}, "
                                    f"shapes {out.shape} vs {ref.shape})")
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+
+        atomic_write(self.path, export_and_check)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = images.detach().to(torch.float32).contiguous().numpy()

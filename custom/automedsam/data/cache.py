@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..atomic import atomic_write
 from ..classes import CLASS_IDS, DATASET_LABELS, label_to_classes
 from .io import content_sha256, load_image, load_label
 from .preprocess import LOW_RES, InputGeometry, PreprocessConfig, mask_to_box, mask_to_input, mask_to_low_res, \
@@ -89,22 +90,8 @@ def _label_rules(dataset: str) -> dict:
 
 
 def _atomic_bytes(path: Path, data: bytes) -> None:
-    """Write to a fresh temporary name in the same folder (umask permissions), then os.replace."""
-    import uuid
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Write bytes atomically (see :func:`automedsam.atomic.atomic_write`)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 class EmbeddingCache:

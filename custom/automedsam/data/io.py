@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic import atomic_write
+
 __all__ = [
     "InputError",
     "LoadedImage",
@@ -783,23 +785,6 @@ def load_label(path: str | os.PathLike, like: LoadedImage) -> np.ndarray:
     return np.ascontiguousarray(_native_to_slices(arr, like.meta))
 
 
-def _atomic_write(out_path: Path, write) -> None:
-    """Call ``write(tmp_path)`` on a fresh temporary name in the target folder, then os.replace."""
-    import uuid
-
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.parent / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}-{out_path.name}"
-    try:
-        write(str(tmp))
-        os.replace(tmp, out_path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def save_label_map(label_slices: np.ndarray, loaded: LoadedImage, out_path: str | os.PathLike) -> str:
     """Write (N,H,W) label slices in the input's geometry, atomically; returns the path written.
 
@@ -846,5 +831,5 @@ def save_label_map(label_slices: np.ndarray, loaded: LoadedImage, out_path: str 
         def write(tmp):
             Image.fromarray(plane).save(tmp, format="PNG")
 
-    _atomic_write(out, write)
+    atomic_write(out, write)
     return str(out)

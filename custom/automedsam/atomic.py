@@ -1,0 +1,38 @@
+"""Atomic file writes, the one home for them: every result, checkpoint, cache entry and export is
+written to a temporary name in its target folder and renamed into place, so a kill at any
+moment leaves the old file or the new one under the final name, never a partial one."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], durable: bool = False) -> Path:
+    """Call ``write(tmp)`` on a fresh temporary name beside ``path`` (same extension, so writers
+    that go by it work), then ``os.replace`` it onto ``path``; on any failure the temporary file is
+    removed and the error raised. ``durable``: fsync before the rename (checkpoints). The file gets
+    the usual umask permissions (``mkstemp`` makes 0600 files)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + path.name, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        if durable:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
