@@ -97,33 +97,44 @@ def run(cache_dir: str = "cache", weights: str | None = None, datalists: str = "
     results = {"methods": {}, "command": " ".join(["python", "benchmarks/accuracy.py"] + sys.argv[1:]),
                "counts": ds.counts(), "seconds": None}
     for m, per in store.items():
-        rows = defaultdict(lambda: {"dice": [], "nsd": []})
-        for (dataset, case, cid), slices in per.items():
-            if not any(g.any() for _, g in slices.values()):
-                continue
-            ks = sorted(slices)
-            p = np.stack([slices[k][0] for k in ks])
-            g = np.stack([slices[k][1] for k in ks])
-            if dataset in ("brats", "totalseg"):
-                spacing = _volume_spacing(entries[case], slice_step)
-                rows[(dataset, cid)]["dice"].append(slice_dice(p, g))
-                rows[(dataset, cid)]["nsd"].append(slice_nsd(p, g, 2.0, spacing=spacing))
-            else:
-                for pp, gg in zip(p, g):
-                    rows[(dataset, cid)]["dice"].append(slice_dice(pp, gg))
-                    rows[(dataset, cid)]["nsd"].append(slice_nsd(pp, gg, 2.0))
-        out_m = {}
-        for (dataset, cid), r in sorted(rows.items()):
-            out_m[f"{dataset}/{CLASSES[cid]}"] = {"dice": float(np.mean(r["dice"])), "nsd": float(np.mean(r["nsd"])),
-                                                 "n": len(r["dice"])}
-        if m in empty:
-            for (dataset, cid), v in sorted(empty[m].items()):
-                out_m.setdefault(f"{dataset}/{CLASSES[cid]}", {})["empty_when_absent"] = float(np.mean(v))
-                out_m[f"{dataset}/{CLASSES[cid]}"]["n_absent"] = len(v)
-        results["methods"][m] = out_m
+        results["methods"][m] = summarise(per, empty.get(m, {}), entries, slice_step)
     results["seconds"] = round(time.time() - t0, 1)
     _write(results, Path(out))
     return None
+
+
+def summarise(store: dict, empty: dict, entries: dict, slice_step: int) -> dict:
+    """Per "dataset/class": mean Dice and NSD where the class is present (per image for 2D sets,
+    per volume for 3D sets) and the empty-answer rate where it is absent.
+
+    Args:
+        store: {(dataset, case, class id): {slice index: (pred mask, gt mask)}}.
+        empty: {(dataset, class id): [1.0 if the answer was empty else 0.0, ...]}.
+        entries: datalist entries by case (for volume spacing).
+    """
+    rows = defaultdict(lambda: {"dice": [], "nsd": []})
+    for (dataset, case, cid), slices in store.items():
+        if not any(g.any() for _, g in slices.values()):
+            continue
+        ks = sorted(slices)
+        p = np.stack([slices[k][0] for k in ks])
+        g = np.stack([slices[k][1] for k in ks])
+        if dataset in ("brats", "totalseg"):
+            spacing = _volume_spacing(entries[case], slice_step)
+            rows[(dataset, cid)]["dice"].append(slice_dice(p, g))
+            rows[(dataset, cid)]["nsd"].append(slice_nsd(p, g, 2.0, spacing=spacing))
+        else:
+            for pp, gg in zip(p, g):
+                rows[(dataset, cid)]["dice"].append(slice_dice(pp, gg))
+                rows[(dataset, cid)]["nsd"].append(slice_nsd(pp, gg, 2.0))
+    out = {}
+    for (dataset, cid), r in sorted(rows.items()):
+        out[f"{dataset}/{CLASSES[cid]}"] = {"dice": float(np.mean(r["dice"])), "nsd": float(np.mean(r["nsd"])),
+                                           "n": len(r["dice"])}
+    for (dataset, cid), v in sorted(empty.items()):
+        out.setdefault(f"{dataset}/{CLASSES[cid]}", {})["empty_when_absent"] = float(np.mean(v))
+        out[f"{dataset}/{CLASSES[cid]}"]["n_absent"] = len(v)
+    return out
 
 
 def _own(entry) -> set[int]:

@@ -48,7 +48,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # accuracy.py beside this file
 
-from accuracy import _own, _volume_spacing, _weighted  # noqa: E402
+from accuracy import _own, _weighted, summarise  # noqa: E402
 
 from automedsam.classes import CLASSES, DATASET_MODALITY, MODALITY_CLASSES, label_to_classes  # noqa: E402
 from automedsam.data.cache import EmbeddingCache  # noqa: E402
@@ -56,7 +56,7 @@ from automedsam.data.datalist import load_datalists  # noqa: E402
 from automedsam.data.dataset import SliceSamples  # noqa: E402
 from automedsam.data.io import load_image, load_label  # noqa: E402
 from automedsam.data.preprocess import mask_to_low_res, to_backbone_input  # noqa: E402
-from automedsam.engine import save_atomic, slice_dice, slice_nsd  # noqa: E402
+from automedsam.engine import save_atomic  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
@@ -245,27 +245,7 @@ def evaluate(net, cache: EmbeddingCache, entries: list[dict], ds: SliceSamples, 
             empty[(entry["dataset"], cid)].append(float(not pred.any()))
             if entry["dataset"] in VOLUME_SETS and cid in _own(entry):
                 store[key][s.slice] = (pred, gt)  # volumes: FP slices count in 3D Dice
-    rows = defaultdict(lambda: {"dice": [], "nsd": []})
-    for (dataset, case, cid), per in store.items():
-        if not any(g.any() for _, g in per.values()):
-            continue
-        ks = sorted(per)
-        p = np.stack([per[k][0] for k in ks])
-        g = np.stack([per[k][1] for k in ks])
-        if dataset in VOLUME_SETS:
-            rows[(dataset, cid)]["dice"].append(slice_dice(p, g))
-            rows[(dataset, cid)]["nsd"].append(slice_nsd(p, g, 2.0, spacing=_volume_spacing(entries[case], slice_step)))
-        else:
-            for pp, gg in zip(p, g):
-                rows[(dataset, cid)]["dice"].append(slice_dice(pp, gg))
-                rows[(dataset, cid)]["nsd"].append(slice_nsd(pp, gg, 2.0))
-    out = {}
-    for (dataset, cid), r in sorted(rows.items()):
-        out[f"{dataset}/{CLASSES[cid]}"] = {"dice": float(np.mean(r["dice"])), "nsd": float(np.mean(r["nsd"])),
-                                           "n": len(r["dice"])}
-    for (dataset, cid), v in sorted(empty.items()):
-        out.setdefault(f"{dataset}/{CLASSES[cid]}", {})["empty_when_absent"] = float(np.mean(v))
-        out[f"{dataset}/{CLASSES[cid]}"]["n_absent"] = len(v)
+    out = summarise(store, empty, entries, slice_step)
     info = {"val_slices": len(slices), "gt_mismatch_vs_cache": gt_mismatch}
     return out, info
 
