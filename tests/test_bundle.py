@@ -405,6 +405,22 @@ def test_training_writes_checkpoints_and_resumes(trained):
     network_from_bundle(BUNDLE).load_trainable(out / "model.pt")  # strict over the trainable keys
 
 
+def test_fine_tuning_starts_from_init_weights(tiny, weights, tmp_path):
+    """``init_weights`` starts training from a model.pt: at learning rate 0 the run ends exactly
+    where it started (AdamW's decay scales with the rate too); without it, from a fresh
+    initialisation, which differs."""
+    start = torch.load(weights, map_location="cpu", weights_only=True)
+    for init in (str(weights), None):
+        out = tmp_path / f"init_{init is not None}"
+        wf = workflow(TRAIN, "training", "train", init_weights=init, learning_rate=0.0,
+                      **train_overrides(tiny, out, 1))
+        run_workflow(wf)
+        end = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
+        assert end.keys() == start.keys()
+        same = all(torch.equal(end[k], start[k]) for k in start)
+        assert same == (init is not None), f"init_weights={init}"
+
+
 def test_evaluate_writes_per_case_and_class_metrics(tiny, trained, data_root):
     out = trained["dir"] / "evaluation"
     wf = workflow([TRAIN, EVAL], "evaluate", None, **{
