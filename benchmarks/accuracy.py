@@ -112,29 +112,42 @@ def summarise(store: dict, empty: dict, entries: dict, slice_step: int) -> dict:
         empty: {(dataset, class id): [1.0 if the answer was empty else 0.0, ...]}.
         entries: datalist entries by case (for volume spacing).
     """
-    rows = defaultdict(lambda: {"dice": [], "nsd": []})
-    for (dataset, case, cid), slices in store.items():
+    rows = defaultdict(lambda: {"dice": [], "nsd": [], "cases": {}})
+    for (dataset, case, cid), slices in sorted(store.items()):
         if not any(g.any() for _, g in slices.values()):
             continue
         ks = sorted(slices)
         p = np.stack([slices[k][0] for k in ks])
         g = np.stack([slices[k][1] for k in ks])
+        row = rows[(dataset, cid)]
         if dataset in ("brats", "totalseg"):
             spacing = _volume_spacing(entries[case], slice_step)
-            rows[(dataset, cid)]["dice"].append(slice_dice(p, g))
-            rows[(dataset, cid)]["nsd"].append(slice_nsd(p, g, 2.0, spacing=spacing))
+            dice, nsd = [slice_dice(p, g)], [slice_nsd(p, g, 2.0, spacing=spacing)]
         else:
-            for pp, gg in zip(p, g):
-                rows[(dataset, cid)]["dice"].append(slice_dice(pp, gg))
-                rows[(dataset, cid)]["nsd"].append(slice_nsd(pp, gg, 2.0))
+            dice = [slice_dice(pp, gg) for pp, gg in zip(p, g)]
+            nsd = [slice_nsd(pp, gg, 2.0) for pp, gg in zip(p, g)]
+        row["dice"] += dice
+        row["nsd"] += nsd
+        row["cases"][_case_name(entries[case])] = round(float(np.mean(dice)), 4)
     out = {}
     for (dataset, cid), r in sorted(rows.items()):
         out[f"{dataset}/{CLASSES[cid]}"] = {"dice": float(np.mean(r["dice"])), "nsd": float(np.mean(r["nsd"])),
-                                           "n": len(r["dice"])}
+                                           "n": len(r["dice"]), "dice_per_case": r["cases"]}
     for (dataset, cid), v in sorted(empty.items()):
         out.setdefault(f"{dataset}/{CLASSES[cid]}", {})["empty_when_absent"] = float(np.mean(v))
         out[f"{dataset}/{CLASSES[cid]}"]["n_absent"] = len(v)
     return out
+
+
+def _case_name(entry) -> str:
+    """The case's image path relative to the data folder (where it lies under it)."""
+    import os
+
+    from automedsam.data.datalist import default_data_dir
+
+    image = str(entry["image"])
+    rel = os.path.relpath(image, default_data_dir())
+    return image if rel.startswith("..") else rel
 
 
 def _own(entry) -> set[int]:
