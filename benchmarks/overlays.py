@@ -63,17 +63,13 @@ def ground_truth_slices(label_path: str, loaded, dataset: str, class_ids: list[i
     return out
 
 
-def _dice(p: np.ndarray, g: np.ndarray) -> float:
-    s = p.sum() + g.sum()
-    return float(2 * (p & g).sum() / s) if s else 1.0
-
-
 def run(results: str = str(RESULTS), out: str = str(OUT), weights: str | None = None, method: str = "automedsam"):
     from PIL import Image
 
     from automedsam.classes import CLASSES
     from automedsam.data.datalist import default_data_dir, load_datalists
     from automedsam.data.dataset import dataset_classes
+    from automedsam.engine import slice_dice
     from automedsam.report import choose_overlay_slice, overlay_image, pixel_aspect_of
     from automedsam.segment import Segmenter
 
@@ -96,7 +92,7 @@ def run(results: str = str(RESULTS), out: str = str(OUT), weights: str | None = 
         pred = r.label_slices
         k = choose_overlay_slice(pred if pred.any() else gt)
         aspect = pixel_aspect_of(r.loaded.meta.get("oriented_affine") if r.loaded.is_volume else None)
-        dices = {CLASSES[c]: round(_dice(pred == c, gt == c), 3) for c in ids if (gt == c).any()}
+        dices = {CLASSES[c]: round(slice_dice(pred == c, gt == c), 3) for c in ids if (gt == c).any()}
         name = Path(pick["case"]).name
         left = overlay_image(r.image[k], pred[k], ids, title=f"AutoMedSAM  {name}  " +
                              " ".join(f"{c} {d:.2f}" for c, d in dices.items()), pixel_aspect=aspect,
