@@ -302,11 +302,9 @@ def training_step(model, images: torch.Tensor, repeats: int, warmup: bool = True
     loss_fn = UncertaintyWeightedLoss(terms=("region", "pixel"))
     params = [p for p in m.parameters() if p.requires_grad] + list(loss_fn.parameters())
     opt = torch.optim.AdamW(params, lr=1e-5)
-    n = len(images)
+    n, ids = len(images), [1] * len(images)
     with torch.no_grad():
         cached = m.encode(images)
-    ids = [1] * n
-    with torch.no_grad():
         size = m(embeddings=cached[:1], class_ids=ids[:1]).logits.shape[-1]
     target = (torch.rand(n, 1, size, size) > 0.5).float()
 
@@ -337,7 +335,7 @@ def training_step(model, images: torch.Tensor, repeats: int, warmup: bool = True
 def training_step_vit_b(batch: int = 2) -> dict:
     """The training-step comparison with MedSAM's ViT-B backbone at 1024x1024 (segment-anything's
     architecture with random weights, saved and loaded as a MedSAM checkpoint: speed only). One
-    timed repeat, no warm-up: its encoder pass takes minutes on a CPU."""
+    timed repeat, no warm-up: its encoder pass takes half a minute or more on a CPU."""
     import tempfile
 
     from automedsam.backbones import build_backbone
