@@ -50,15 +50,31 @@ def jitter_box(box: np.ndarray, frac: float, rng: np.random.Generator) -> np.nda
 def run(cache_dir: str = "cache", weights: str | None = None, datalists: str = "kvasir,shenzhen,brats,totalseg",
         base_dir: str | None = None, max_cases: int | None = None, slice_step: int = 1, cross_domain_ratio: float = 0.25,
         variant: str | list | None = None, jitter: float = 0.1, seed: int = 0, batch_size: int = 8,
-        out: str = str(RESULTS / "accuracy")):
+        device: str = "cpu", out: str = str(RESULTS / "accuracy")):
     t0 = time.time()
-    names = [d.strip() for d in datalists.split(",")] if isinstance(datalists, str) else list(datalists)
-    model = load_pretrained(weights=weights)
-    models = {"automedsam": model}
+    models = {"automedsam": load_pretrained(weights=weights)}
     for v in ([variant] if isinstance(variant, str) else (variant or [])):
         name, path = v.split("=", 1)
         models[name] = load_pretrained(weights=path)
-    backbone = model.backbone
+    results = evaluate(models, cache_dir, datalists=datalists, base_dir=base_dir, max_cases=max_cases,
+                       slice_step=slice_step, cross_domain_ratio=cross_domain_ratio, jitter=jitter, seed=seed,
+                       batch_size=batch_size, device=device)
+    results["command"] = " ".join(["python", "benchmarks/accuracy.py"] + sys.argv[1:])
+    results["seconds"] = round(time.time() - t0, 1)
+    _write(results, Path(out))
+    return None
+
+
+def evaluate(models: dict, cache_dir: str, datalists: str | list = "kvasir,shenzhen,brats,totalseg",
+             base_dir: str | None = None, max_cases: int | None = None, slice_step: int = 1,
+             cross_domain_ratio: float = 0.25, jitter: float = 0.1, seed: int = 0, batch_size: int = 8,
+             device: str = "cpu") -> dict:
+    """Every AutoMedSAM in ``models`` ({name: network}) and the box-prompted teacher (ground-truth
+    and jittered box, through the first model's backbone) on the cached validation slices.
+    Returns {"methods": {name: summarise(...)}, "counts": sample counts}."""
+    names = [d.strip() for d in datalists.split(",")] if isinstance(datalists, str) else list(datalists)
+    models = {m: net.to(device).eval() for m, net in models.items()}
+    backbone = next(iter(models.values())).backbone
     cache = EmbeddingCache(cache_dir, backbone=backbone)
     entries = load_datalists(names, base_dir=base_dir, split="validation", max_cases=max_cases)
     ds = SliceSamples(cache, entries, negative_ratio=None, cross_domain_ratio=cross_domain_ratio, slice_step=slice_step,
@@ -70,15 +86,16 @@ def run(cache_dir: str = "cache", weights: str | None = None, datalists: str = "
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
     with torch.no_grad():
         for batch in loader:
-            emb, cids = batch["embedding"], batch["class_id"]
-            preds = {m: net(embeddings=emb, class_ids=cids).probabilities()[:, 0].numpy() > 0.5 for m, net in models.items()}
+            emb, cids = batch["embedding"].to(device), batch["class_id"].to(device)
+            preds = {m: net(embeddings=emb, class_ids=cids).probabilities()[:, 0].cpu().numpy() > 0.5
+                     for m, net in models.items()}
             pos = batch["present"].numpy() > 0
             if pos.any():
                 idx = np.nonzero(pos)[0]
                 boxes = np.stack([jitter_box(batch["box"][i].numpy(), jitter, rng) for i in idx])
-                sparse, dense = backbone.prompt(boxes=torch.as_tensor(boxes, dtype=torch.float32))
+                sparse, dense = backbone.prompt(boxes=torch.as_tensor(boxes, dtype=torch.float32, device=device))
                 jit, _ = backbone.decode(emb[idx], sparse, dense)
-                jit = dict(zip(idx.tolist(), (jit[:, 0].numpy() > 0)))
+                jit = dict(zip(idx.tolist(), (jit[:, 0].cpu().numpy() > 0)))
             for i in range(len(cids)):
                 entry = entries[int(batch["case_index"][i])]
                 key = (entry["dataset"], int(batch["case_index"][i]), int(cids[i]))
@@ -94,13 +111,8 @@ def run(cache_dir: str = "cache", weights: str | None = None, datalists: str = "
                         empty[m][(entry["dataset"], int(cids[i]))].append(float(not preds[m][i].any()))
                         if entry["dataset"] in ("brats", "totalseg") and int(cids[i]) in _own(entry):
                             store[m][key][k] = (preds[m][i], gt)  # volumes: FP slices count in 3D Dice
-    results = {"methods": {}, "command": " ".join(["python", "benchmarks/accuracy.py"] + sys.argv[1:]),
-               "counts": ds.counts(), "seconds": None}
-    for m, per in store.items():
-        results["methods"][m] = summarise(per, empty.get(m, {}), entries, slice_step)
-    results["seconds"] = round(time.time() - t0, 1)
-    _write(results, Path(out))
-    return None
+    return {"methods": {m: summarise(per, empty.get(m, {}), entries, slice_step) for m, per in store.items()},
+            "counts": ds.counts()}
 
 
 def summarise(store: dict, empty: dict, entries: dict, slice_step: int) -> dict:
