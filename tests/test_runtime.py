@@ -131,3 +131,81 @@ def test_model_takes_its_runtime_from_the_argument_or_the_environment(backbone, 
     monkeypatch.setenv("AUTOMEDSAM_ENCODER_RUNTIME", "fpga")
     with pytest.raises(ValueError, match="fpga"):
         AutoMedSAM(backbone, prompt_encoder=small)
+
+
+# ---- the mask decoder at inference -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def shipped(polyp_embeddings):
+    """The shipped model as inference builds it (decoder through ONNX Runtime), and an eager twin."""
+    from automedsam.pretrained import load_pretrained
+
+    fast, eager = load_pretrained(), load_pretrained()
+    object.__setattr__(eager, "decoder_runner", type(fast.decoder_runner)("eager"))
+    return fast, eager
+
+
+def test_shipped_inference_decodes_through_onnx_with_the_eager_answer(shipped, polyp_embeddings, polyp_cases,
+                                                                      monkeypatch, tmp_path):
+    monkeypatch.setenv("AUTOMEDSAM_CACHE_DIR", str(tmp_path))
+    fast, eager = shipped
+    assert fast.decoder_runner.runtime == "auto"  # inference.yaml asks for it
+    ids = [7, 8]  # polyp and lungs, every class of every slice as segment does
+    with torch.inference_mode():
+        a = fast.decode_classes(polyp_embeddings, ids)
+        b = eager.decode_classes(polyp_embeddings, ids)
+    assert fast.decoder_runner._onnx is not None and fast.decoder_runner._onnx.exported
+    assert float((a.logits - b.logits).abs().max() / b.logits.abs().max()) < 1e-3
+    pa, pb = a.probabilities().numpy() > 0.5, b.probabilities().numpy() > 0.5
+    assert min(dice(x, y) for x, y in zip(pa, pb)) > 0.99
+    # a user's box adds prompt tokens: the export's token axis is dynamic
+    boxes = torch.tensor([gt_box(m) for _, m in polyp_cases], dtype=torch.float32)
+    with torch.inference_mode():
+        a = fast.decode(polyp_embeddings, [7] * len(boxes), boxes=boxes)
+        b = eager.decode(polyp_embeddings, [7] * len(boxes), boxes=boxes)
+    assert float((a.logits - b.logits).abs().max() / b.logits.abs().max()) < 1e-3
+
+
+def test_decoder_fast_path_never_runs_in_training_and_follows_weight_changes(polyp_embeddings, monkeypatch,
+                                                                             tmp_path):
+    monkeypatch.setenv("AUTOMEDSAM_CACHE_DIR", str(tmp_path))
+    from automedsam.model import AutoMedSAM
+
+    net = AutoMedSAM(train_mask_decoder=True, prompt_encoder={"channels": (8, 16), "class_dim": 16},
+                     decoder_runtime="auto").eval()
+    emb = polyp_embeddings[:2]
+    net.decode(emb, [7, 7])  # gradients on: eager, nothing exported
+    assert net.decoder_runner._onnx is None and not list(tmp_path.glob("*.onnx"))
+    with torch.no_grad():
+        net.train()
+        net.decode(emb, [7, 7])  # training mode: eager
+        assert net.decoder_runner._onnx is None
+        net.eval()
+        first = net.decode(emb, [7, 7]).logits
+        path = net.decoder_runner._onnx.path
+        net.student_decoder.output_hypernetworks_mlps[0].layers[-1].bias.add_(5.0)  # as an optimiser step would
+        second = net.decode(emb, [7, 7]).logits
+        assert net.decoder_runner._onnx.path != path  # re-exported for the new weights
+        net.decoder_runner.runtime = "eager"
+        ref = net.decode(emb, [7, 7]).logits
+    assert not torch.allclose(first, second, atol=1e-3)
+    assert float((second - ref).abs().max() / ref.abs().max()) < 1e-3
+
+
+def test_a_failing_decoder_export_falls_back_to_eager(polyp_embeddings, monkeypatch):
+    import automedsam.runtime as rt
+    from automedsam.model import AutoMedSAM
+
+    def broken(*a, **k):
+        raise RuntimeError("exporter exploded")
+
+    monkeypatch.setattr(rt, "OnnxMaskDecoder", broken)
+    small = {"channels": (8, 16), "class_dim": 16}
+    auto = AutoMedSAM(train_mask_decoder=True, prompt_encoder=small, decoder_runtime="auto").eval()
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="exporter exploded"):
+        auto.decode(polyp_embeddings[:1], [7])
+    strict = AutoMedSAM(train_mask_decoder=True, prompt_encoder=small, decoder_runtime="onnx").eval()
+    with torch.no_grad(), pytest.raises(RuntimeError, match="unavailable"):
+        strict.decode(polyp_embeddings[:1], [7])
+    with pytest.raises(ValueError, match="decoder runtime"):
+        AutoMedSAM(prompt_encoder=small, decoder_runtime="tensorrt")

@@ -120,9 +120,12 @@ class SamBackbone(nn.Module):
         return self.prompt_encoder(points=pts, boxes=boxes, masks=None)
 
     def decode(self, embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor,
-               mask_decoder: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Low-res mask logits (B,1,256,256) and predicted IoU (B,1)."""
+               mask_decoder: nn.Module | None = None, runner=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-res mask logits (B,1,256,256) and predicted IoU (B,1). ``runner``: a
+        :class:`~automedsam.runtime.DecoderRunner` choosing how the decoder runs."""
         decoder = mask_decoder or self.mask_decoder
+        if runner is not None:
+            return runner(decoder, embeddings, self.dense_pe(), sparse, dense)
         return decoder(
             image_embeddings=embeddings,
             image_pe=self.dense_pe(),

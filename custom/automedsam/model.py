@@ -49,11 +49,15 @@ class AutoMedSAM(nn.Module):
         encoder_runtime: how the frozen encoder runs on CPU: ``auto`` (ONNX Runtime when
             installed, else eager), ``eager``, ``onnx`` or ``bf16``; see :mod:`automedsam.runtime`.
             None: ``$AUTOMEDSAM_ENCODER_RUNTIME``, else ``auto``.
+        decoder_runtime: how the mask decoder runs at inference on CPU (no gradients, eval mode):
+            ``auto`` (ONNX Runtime when it checks out, else eager), ``eager`` or ``onnx``; see
+            :class:`automedsam.runtime.DecoderRunner`. None: ``$AUTOMEDSAM_DECODER_RUNTIME``,
+            else ``eager`` (the bundle's inference config asks for ``auto``).
     """
 
     def __init__(self, backbone: SamBackbone | str = "lite_medsam", checkpoint: str | None = None,
                  num_classes: int = NUM_CLASSES, train_mask_decoder: bool = False, prompt_encoder: dict | None = None,
-                 encoder_runtime: str | None = None):
+                 encoder_runtime: str | None = None, decoder_runtime: str | None = None):
         super().__init__()
         if isinstance(backbone, str):
             backbone = build_backbone(backbone, checkpoint)
@@ -67,6 +71,11 @@ class AutoMedSAM(nn.Module):
         # path); a fine-tuned decoder is the student's own copy
         freeze(backbone)
         self.student_decoder = copy.deepcopy(backbone.mask_decoder).requires_grad_(True) if train_mask_decoder else None
+        from .runtime import DecoderRunner
+
+        # a plain attribute (not a submodule): the runner holds no weights of its own
+        object.__setattr__(self, "decoder_runner", DecoderRunner(
+            decoder_runtime or os.environ.get("AUTOMEDSAM_DECODER_RUNTIME") or "eager", f"{backbone.name}-mask-decoder"))
 
     @property
     def image_size(self) -> int:
@@ -113,7 +122,8 @@ class AutoMedSAM(nn.Module):
         if boxes is not None or points is not None:
             extra, _ = self.backbone.prompt(boxes=boxes, points=points, point_labels=point_labels)
             sparse = torch.cat([sparse, extra.to(sparse.dtype)], 1)
-        logits, iou = self.backbone.decode(embeddings.to(dense.dtype), sparse, dense, mask_decoder=self.student_decoder)
+        logits, iou = self.backbone.decode(embeddings.to(dense.dtype), sparse, dense, mask_decoder=self.student_decoder,
+                                           runner=self.decoder_runner)
         presence = p.presence_logit
         if boxes is not None or points is not None:
             presence = torch.full_like(presence, 20.0)  # the user has said the class is there
