@@ -219,6 +219,25 @@ class OnnxMaskDecoder(_OnnxGraph):
         return torch.from_numpy(logits), torch.from_numpy(iou)
 
 
+def _build_or_fall_back(make, what: str, runtime: str, stacklevel: int):
+    """(the ONNX graph ``make()`` builds, None) or (None, why not): ``runtime`` ``onnx`` raises
+    instead, ``auto`` warns once and the caller runs eager."""
+    graph, failed = None, None
+    if not onnxruntime_available():
+        failed = "onnxruntime is not installed"
+    else:
+        try:
+            graph = make()
+        except Exception as e:  # never let the fast path break inference
+            failed = f"{type(e).__name__}: {e}"
+    if failed is not None:
+        msg = f"ONNX Runtime {what} unavailable ({failed}); using eager PyTorch"
+        if runtime == "onnx":
+            raise RuntimeError(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=stacklevel)
+    return graph, failed
+
+
 class EncoderRunner:
     """Runs a frozen encoder on the chosen path (see the module docstring); builds fast paths lazily,
     on the first CPU call, so a model that goes to the GPU never exports anything."""
@@ -246,18 +265,10 @@ class EncoderRunner:
 
     def _onnx_encoder(self) -> OnnxEncoder | None:
         if self._onnx is None and self._failed is None:
-            if not onnxruntime_available():
-                self._failed = "onnxruntime is not installed"
-            else:
-                try:
-                    self._onnx = OnnxEncoder(self.encoder, self.image_size, self.name)
-                except Exception as e:  # never let the fast path break inference
-                    self._failed = f"{type(e).__name__}: {e}"
-            if self._failed is not None:
-                msg = f"ONNX Runtime encoder unavailable ({self._failed}); using eager PyTorch"
-                if self.runtime == "onnx":
-                    raise RuntimeError(msg)
-                warnings.warn(msg, RuntimeWarning, stacklevel=3)
+            self._onnx, self._failed = _build_or_fall_back(
+                lambda: OnnxEncoder(self.encoder, self.image_size, self.name), "encoder", self.runtime, stacklevel=4)
+        elif self._onnx is None and self.runtime == "onnx":  # asked for, and failed before: every call says so
+            raise RuntimeError(f"ONNX Runtime encoder unavailable ({self._failed})")
         return self._onnx
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -302,19 +313,11 @@ class DecoderRunner:
         params = list(decoder.parameters())
         stamp = (id(decoder), shape, tuple((p.data_ptr(), p._version) for p in params))
         if stamp != self._stamp:
-            self._onnx, self._failed, self._stamp = None, None, stamp
-            if not onnxruntime_available():
-                self._failed = "onnxruntime is not installed"
-            else:
-                try:
-                    self._onnx = OnnxMaskDecoder(decoder, shape, self.name)
-                except Exception as e:  # never let the fast path break inference
-                    self._failed = f"{type(e).__name__}: {e}"
-            if self._failed is not None:
-                msg = f"ONNX Runtime mask decoder unavailable ({self._failed}); using eager PyTorch"
-                if self.runtime == "onnx":
-                    raise RuntimeError(msg)
-                warnings.warn(msg, RuntimeWarning, stacklevel=4)
+            self._onnx, self._stamp = None, stamp
+            self._onnx, self._failed = _build_or_fall_back(
+                lambda: OnnxMaskDecoder(decoder, shape, self.name), "mask decoder", self.runtime, stacklevel=5)
+        elif self._onnx is None and self.runtime == "onnx":  # asked for, and failed before: every call says so
+            raise RuntimeError(f"ONNX Runtime mask decoder unavailable ({self._failed})")
         return self._onnx
 
     def __call__(self, decoder: nn.Module, embeddings: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor,
