@@ -182,6 +182,11 @@ def test_slice_samples(built, entries):
     assert all_neg.counts()["negative"] == n_ct_neg and all_neg.counts()["cross_domain"] == 0
 
 
+def _landed(root: Path) -> list[Path]:
+    """Finished slice files (not the temporary names they are written under before the rename)."""
+    return [f for f in root.glob("slices/*/*.npc") if not f.name.startswith(".tmp-")]
+
+
 def test_killed_process_resumes(backbone, data_root, tmp_path):
     """SIGKILL a real build after its first slice lands; the rerun encodes only the rest."""
     root = tmp_path / "cache"
@@ -197,7 +202,7 @@ def test_killed_process_resumes(backbone, data_root, tmp_path):
     deadline = time.time() + 120
     try:
         while time.time() < deadline and proc.poll() is None:
-            if list(root.glob("slices/*/*.npc")):
+            if _landed(root):
                 break
             time.sleep(0.02)
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
@@ -205,7 +210,7 @@ def test_killed_process_resumes(backbone, data_root, tmp_path):
     finally:
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
-    done = list(root.glob("slices/*/*.npc"))
+    done = _landed(root)
     assert 1 <= len(done) < 4
     cache = EmbeddingCache(root, backbone=backbone)
     for f in done:  # whatever landed is whole
