@@ -195,9 +195,9 @@ def report(cache_dir: str = "cache", variants: str = ",".join(VARIANTS), runs_di
 
 
 def run_all(cache_dir: str = "cache", variants: str = ",".join(VARIANTS), runs_dir: str = "runs/ablations",
-        epochs: int = 6, batch_size: int = 8, learning_rate: float = 2e-4, num_workers: int = 0, parallel: int = 1,
-        cache_workers: int = 1, max_cases: int | None = None, device: str | None = None,
-        out: str = str(RESULTS / "ablations")):
+            epochs: int = 6, batch_size: int = 8, learning_rate: float = 2e-4, num_workers: int = 0,
+            parallel: int = 1, cache_workers: int = 1, max_cases: int | None = None, device: str | None = None,
+            out: str = str(RESULTS / "ablations")):
     """cache, train and report in turn (the command ``all``)."""
     cache(cache_dir, workers=cache_workers, max_cases=max_cases)
     train(cache_dir, variants, runs_dir, epochs, batch_size, learning_rate, num_workers, parallel, max_cases)
