@@ -194,6 +194,44 @@ def test_shared_trunk_matches_per_class_forward():
     torch.testing.assert_close(batched.sparse[4:5], single.sparse, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("class_first", [True, False])
+def test_conv_block_split_equals_the_block_on_the_concatenation(class_first):
+    """A skip connection's convolution term is computed once per slice and added per item: the
+    same as the block on the concatenated input."""
+    from automedsam.prompt_encoder import ConvBlock
+
+    torch.manual_seed(0)
+    block = ConvBlock(6 + 4, 8).eval()
+    skip, items = torch.randn(2, 4, 16, 16), torch.randn(5, 6, 16, 16)
+    owner = torch.tensor([0, 0, 1, 1, 1])
+    if class_first:
+        mine, shared_ch = slice(0, 6), slice(6, None)
+        ref = block(torch.cat([items, skip[owner]], 1))
+    else:
+        block = ConvBlock(4 + 6, 8).eval()
+        mine, shared_ch = slice(4, None), slice(0, 4)
+        ref = block(torch.cat([skip[owner], items], 1))
+    out = block.forward_split(items, mine, block.shared(skip, shared_ch), owner)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_skip_absent_runs_the_branches_only_for_present_items():
+    torch.manual_seed(0)
+    emb = torch.randn(3, 256, 64, 64) * 0.1
+    enc = DiffusionClassPromptEncoder(NUM_CLASSES, layout="shared_trunk", channels=(8, 16), class_dim=16).eval()
+    with torch.no_grad():
+        full = enc.forward_classes(emb, [1, 2, 5, 8])
+        enc.presence_head[-1].bias -= full.presence_logit.median()  # some items absent, some present
+        full = enc.forward_classes(emb, [1, 2, 5, 8])
+        part = enc.forward_classes(emb, [1, 2, 5, 8], skip_absent=True)
+    present = torch.nonzero(full.presence_logit > 0).squeeze(1)
+    assert full.rows is None and 0 < present.numel() < 12
+    assert torch.equal(part.rows, present) and part.dense.shape[0] == present.numel()
+    torch.testing.assert_close(part.presence_logit, full.presence_logit)
+    torch.testing.assert_close(part.dense, full.dense[present], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(part.sparse, full.sparse[present], atol=1e-5, rtol=1e-5)
+
+
 def test_uncertainty_weights_are_learned_and_logged():
     loss_fn = UncertaintyWeightedLoss()
     logits = torch.zeros(2, 1, 8, 8, requires_grad=True)

@@ -44,13 +44,34 @@ def _norm(ch: int) -> nn.GroupNorm:
 
 
 class ConvBlock(nn.Sequential):
-    """Two 3x3 convolutions (stride 1) with GroupNorm and SiLU."""
+    """Two 3x3 convolutions (stride 1) with GroupNorm and SiLU.
+
+    When its input is a concatenation of a per-item part and a per-slice part (a skip connection
+    from the class-independent trunk), the first convolution splits by linearity:
+    ``conv(cat[a, s]) = conv_a(a) + conv_s(s)``. :meth:`shared` computes the per-slice term once
+    and :meth:`forward_split` adds it to each item's own term, so classes asked of the same slice
+    do not repeat it.
+    """
 
     def __init__(self, cin: int, cout: int):
         super().__init__(
             nn.Conv2d(cin, cout, 3, padding=1), _norm(cout), nn.SiLU(),
             nn.Conv2d(cout, cout, 3, padding=1), _norm(cout), nn.SiLU(),
         )
+
+    def shared(self, x: torch.Tensor, channels: slice) -> torch.Tensor:
+        """The first convolution's response to input ``channels`` (bias included), from ``x``."""
+        conv = self[0]
+        return F.conv2d(x, conv.weight[:, channels], conv.bias, padding=conv.padding)
+
+    def forward_split(self, x: torch.Tensor, channels: slice, shared: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+        """The block on the concatenation of ``x`` (input ``channels``) and the per-slice part whose
+        term is ``shared`` (from :meth:`shared`); ``owner[i]`` is item i's row of ``shared``."""
+        conv = self[0]
+        y = F.conv2d(x, conv.weight[:, channels], None, padding=conv.padding) + shared.index_select(0, owner)
+        for layer in list(self)[1:]:
+            y = layer(y)
+        return y
 
 
 class SpatialAttention(nn.Module):
@@ -86,10 +107,17 @@ class Branch(nn.Module):
         self.up1 = ConvBlock(c2 + c1, c1)
         self.out = nn.Conv2d(c1, out_ch, 1)
 
-    def forward(self, mid, skip2, skip1, cond_arg):
+    def shared(self, skip2: torch.Tensor, skip1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The skip connections' terms of both up blocks: once per slice."""
+        c2 = skip2.shape[1]
+        return self.up2.shared(skip2, slice(c2, None)), self.up1.shared(skip1, slice(c2, None))
+
+    def forward(self, mid, shared: tuple[torch.Tensor, torch.Tensor], owner: torch.Tensor, cond_arg):
+        """``mid`` and ``cond_arg`` per item; ``shared`` from :meth:`shared`, row ``owner[i]`` for item i."""
+        c2 = mid.shape[1]
         x = self.attention(mid, cond_arg)
-        x = self.up2(torch.cat([x, skip2], 1))
-        x = self.up1(torch.cat([x, skip1], 1))
+        x = self.up2.forward_split(x, slice(0, c2), shared[0], owner)
+        x = self.up1.forward_split(x, slice(0, c2), shared[1], owner)
         return self.out(x)
 
 
@@ -98,6 +126,9 @@ class Prompts:
     sparse: torch.Tensor  # (B, 2, 256)
     dense: torch.Tensor  # (B, 256, 64, 64)
     presence_logit: torch.Tensor  # (B,)
+    # the items that ``sparse`` and ``dense`` belong to (rows of ``presence_logit``); None: all of
+    # them. Inference may skip the branches of items judged absent, whose masks are blanked anyway.
+    rows: torch.Tensor | None = None
 
 
 def _timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -208,10 +239,13 @@ class DiffusionClassPromptEncoder(nn.Module):
         return t, noise
 
     # ---- reverse network ---------------------------------------------------------------
+    def check_class_ids(self, class_ids: torch.Tensor) -> None:
+        if class_ids.numel() and (class_ids.min() < 1 or class_ids.max() > self.num_classes):
+            raise ValueError(f"class ids must be in 1..{self.num_classes}, got {class_ids.tolist()}")
+
     def condition(self, class_ids: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Class vector (with the step embedding) and class map (B,1,64,64)."""
-        if class_ids.min() < 1 or class_ids.max() > self.num_classes:
-            raise ValueError(f"class ids must be in 1..{self.num_classes}, got {class_ids.tolist()}")
+        self.check_class_ids(class_ids)
         vec = self.class_embed(class_ids - 1)
         cmap = self.class_map(vec).view(-1, 1, self.size, self.size)
         if self.use_diffusion:
@@ -223,27 +257,42 @@ class DiffusionClassPromptEncoder(nn.Module):
         s1 = self.enc1(x)
         return s1, self.enc2(s1)
 
-    def heads(self, s1, s2, vec, cmap) -> Prompts:
-        mid_in = torch.cat([s2, cmap], 1) if self.layout == "shared_trunk" else s2
-        mid = self.mid(mid_in)
+    def heads(self, s1, s2, vec, cmap, owner: torch.Tensor | None = None, skip_absent: bool = False) -> Prompts:
+        """Prompts per item. ``s1``, ``s2``: the trunk's features per slice; ``vec``, ``cmap``: the class
+        condition per item; ``owner[i]``: item i's slice (default: one item per slice). What comes
+        from the trunk alone (the skip connections' convolution terms) is computed once per slice.
+        ``skip_absent``: run the branches only for items whose presence logit is > 0 (``rows`` of
+        the result); for inference, where the others' masks are blanked whatever the branches say."""
+        c2 = s2.shape[1]
+        if owner is None:
+            owner = torch.arange(vec.shape[0], device=vec.device)
+        if self.layout == "shared_trunk":  # mid sees cat[s2, cmap]: s2's term once per slice
+            mid = self.mid.forward_split(cmap, slice(c2, None), self.mid.shared(s2, slice(0, c2)), owner)
+        else:
+            mid = self.mid(s2.index_select(0, owner))
         gamma, beta = self.film(vec).chunk(2, 1)
         mid = mid * (1 + gamma[:, :, None, None]) + beta[:, :, None, None]
+        presence = self.presence_head(torch.cat([mid.mean((2, 3)), vec], 1)).squeeze(1)
+        rows = None
+        if skip_absent:
+            rows = torch.nonzero(presence > 0).squeeze(1)
+            mid, vec, cmap, owner = mid[rows], vec[rows], cmap[rows], owner[rows]
         b = mid.shape[0]
         if "dense" in self.branches:
-            dense = self.dense_branch(mid, s2, s1, cmap) + self.no_mask_embed.view(1, -1, 1, 1)
+            shared = self.dense_branch.shared(s2, s1)
+            dense = self.dense_branch(mid, shared, owner, cmap) + self.no_mask_embed.view(1, -1, 1, 1)
         else:
             dense = self.no_mask_embed.view(1, -1, 1, 1).expand(b, -1, self.size, self.size)
         if "sparse" in self.branches:
-            feats = self.sparse_branch(mid, s2, s1, vec)  # (B,256,64,64)
+            feats = self.sparse_branch(mid, self.sparse_branch.shared(s2, s1), owner, vec)  # (B,256,64,64)
             attn = self.token_pool(feats).flatten(2).softmax(-1)  # (B,2,HW)
             sparse = torch.einsum("bkn,bcn->bkc", attn, feats.flatten(2))
         else:
             sparse = mid.new_zeros(b, 0, self.embed_dim)
-        presence = self.presence_head(torch.cat([mid.mean((2, 3)), vec], 1)).squeeze(1)
-        return Prompts(sparse=sparse, dense=dense, presence_logit=presence)
+        return Prompts(sparse=sparse, dense=dense, presence_logit=presence, rows=rows)
 
     def forward(self, embeddings: torch.Tensor, class_ids: torch.Tensor, noise: torch.Tensor | None = None,
-                t: torch.Tensor | None = None) -> Prompts:
+                t: torch.Tensor | None = None, skip_absent: bool = False) -> Prompts:
         class_ids = torch.as_tensor(class_ids, device=embeddings.device).long().reshape(-1)
         if class_ids.numel() != embeddings.shape[0]:
             raise ValueError(f"need one class id per embedding: {class_ids.numel()} ids, {embeddings.shape[0]} embeddings")
@@ -255,24 +304,29 @@ class DiffusionClassPromptEncoder(nn.Module):
         if self.layout == "authors":
             x = torch.cat([x, cmap], 1)
         s1, s2 = self.trunk(x)
-        return self.heads(s1, s2, vec, cmap)
+        return self.heads(s1, s2, vec, cmap, skip_absent=skip_absent)
 
     def forward_classes(self, embeddings: torch.Tensor, class_ids: list[int] | torch.Tensor,
-                        noise: torch.Tensor | None = None) -> Prompts:
+                        noise: torch.Tensor | None = None, skip_absent: bool = False) -> Prompts:
         """Prompts for every class in ``class_ids`` for each embedding; output batch is B*K, class-major
-        within each embedding. The shared-trunk layout runs its trunk once per embedding."""
+        within each embedding. ``skip_absent``: see :meth:`heads`."""
         ids = torch.as_tensor(class_ids, device=embeddings.device).long().reshape(-1)
         b, k = embeddings.shape[0], ids.numel()
-        rep_ids = ids.repeat(b)
+        owner = torch.arange(b, device=embeddings.device).repeat_interleave(k)
+        return self.prompts_for(embeddings, owner, ids.repeat(b), noise=noise, skip_absent=skip_absent)
+
+    def prompts_for(self, embeddings: torch.Tensor, owner: torch.Tensor, class_ids: torch.Tensor,
+                    noise: torch.Tensor | None = None, skip_absent: bool = False) -> Prompts:
+        """Prompts for items: item i asks for class ``class_ids[i]`` of embedding ``owner[i]`` (noise, if
+        given, per embedding). The shared-trunk layout runs its trunk (and the skip connections'
+        terms) once per embedding, the authors' layout everything once per item."""
         if self.layout == "authors":
-            rep = embeddings.repeat_interleave(k, 0)
-            rep_noise = None if noise is None else noise.repeat_interleave(k, 0)
-            return self(rep, rep_ids, noise=rep_noise)
+            return self(embeddings.index_select(0, owner), class_ids,
+                        noise=None if noise is None else noise.index_select(0, owner), skip_absent=skip_absent)
         x = embeddings.float() * self.embedding_scale
         t, noise = self._steps_and_noise(x, noise, None)
         if self.use_diffusion:
             x = self.diffuse(x, torch.zeros_like(x[:, :1]), t, noise)
         s1, s2 = self.trunk(x)
-        t_rep = t.repeat_interleave(k)
-        vec, cmap = self.condition(rep_ids, t_rep)
-        return self.heads(s1.repeat_interleave(k, 0), s2.repeat_interleave(k, 0), vec, cmap)
+        vec, cmap = self.condition(class_ids, t.index_select(0, owner))
+        return self.heads(s1, s2, vec, cmap, owner=owner, skip_absent=skip_absent)
