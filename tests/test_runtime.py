@@ -142,7 +142,7 @@ def shipped(polyp_embeddings):
     from automedsam.pretrained import load_pretrained
 
     fast, eager = load_pretrained(), load_pretrained()
-    object.__setattr__(eager, "decoder_runner", type(fast.decoder_runner)("eager"))
+    eager.set_decoder_runtime("eager")
     return fast, eager
 
 
@@ -156,6 +156,9 @@ def test_shipped_inference_decodes_through_onnx_with_the_eager_answer(shipped, p
         a = fast.decode_classes(polyp_embeddings, ids)
         b = eager.decode_classes(polyp_embeddings, ids)
     assert fast.decoder_runner._onnx is not None and fast.decoder_runner._onnx.exported
+    assert fast.prompt_runner._onnx is not None and fast.prompt_runner._onnx.exported
+    assert eager.decoder_runner._onnx is None and eager.prompt_runner._onnx is None
+    assert float((a.presence_logit - b.presence_logit).abs().max()) < 1e-3
     assert float((a.logits - b.logits).abs().max() / b.logits.abs().max()) < 1e-3
     pa, pb = a.probabilities().numpy() > 0.5, b.probabilities().numpy() > 0.5
     assert min(dice(x, y) for x, y in zip(pa, pb)) > 0.99
@@ -165,6 +168,30 @@ def test_shipped_inference_decodes_through_onnx_with_the_eager_answer(shipped, p
         a = fast.decode(polyp_embeddings, [7] * len(boxes), boxes=boxes)
         b = eager.decode(polyp_embeddings, [7] * len(boxes), boxes=boxes)
     assert float((a.logits - b.logits).abs().max() / b.logits.abs().max()) < 1e-3
+
+
+def test_skipping_absent_classes_keeps_every_answer(shipped, polyp_embeddings, monkeypatch, tmp_path):
+    """Classes judged absent are not decoded; the probabilities (so the label maps) stay the same,
+    on the ONNX path (prompts for every item, decoder for the present) and the eager one (the
+    prompt encoder skips its branches too)."""
+    monkeypatch.setenv("AUTOMEDSAM_CACHE_DIR", str(tmp_path))
+    from automedsam.classes import class_id
+    from automedsam.model import ABSENT_LOGIT
+
+    fast, eager = shipped
+    ids = [class_id("polyp"), class_id("lungs"), class_id("liver")]
+    with torch.inference_mode():
+        full = eager.decode_classes(polyp_embeddings, ids)
+        skips = {"onnx": fast.decode_classes(polyp_embeddings, ids, skip_absent=True),
+                 "eager": eager.decode_classes(polyp_embeddings, ids, skip_absent=True)}
+    absent = full.presence_logit <= 0
+    assert absent.any() and (~absent).any()  # on polyp images lungs and liver are absent, polyps mostly not
+    for path, skip in skips.items():
+        assert torch.equal(skip.presence_logit > 0, ~absent), path
+        assert (skip.logits[absent] == ABSENT_LOGIT).all() and (skip.iou[absent] == 0).all(), path
+        assert float((skip.logits[~absent] - full.logits[~absent]).abs().max() / full.logits.abs().max()) < 1e-3, path
+        assert float((skip.probabilities() - full.probabilities()).abs().max()) < 1e-3, path
+        assert torch.equal(skip.probabilities() > 0.5, full.probabilities() > 0.5), path
 
 
 def test_decoder_fast_path_never_runs_in_training_and_follows_weight_changes(polyp_embeddings, monkeypatch,
@@ -193,6 +220,33 @@ def test_decoder_fast_path_never_runs_in_training_and_follows_weight_changes(pol
     assert float((second - ref).abs().max() / ref.abs().max()) < 1e-3
 
 
+def test_prompt_fast_path_never_runs_in_training_and_follows_weight_changes(polyp_embeddings, monkeypatch, tmp_path):
+    monkeypatch.setenv("AUTOMEDSAM_CACHE_DIR", str(tmp_path))
+    from automedsam.model import AutoMedSAM
+
+    net = AutoMedSAM(prompt_encoder={"channels": (8, 16), "class_dim": 16, "layout": "shared_trunk"},
+                     decoder_runtime="auto").eval()
+    emb = polyp_embeddings[:2]
+    net.decode_classes(emb, [7, 8])  # gradients on: eager, nothing exported
+    assert net.prompt_runner._onnx is None and not list(tmp_path.glob("*class-prompts*.onnx"))
+    with torch.no_grad():
+        net.train()
+        net.decode_classes(emb, [7, 8])  # training mode: eager
+        assert net.prompt_runner._onnx is None
+        net.eval()
+        first = net.decode_classes(emb, [7, 8]).logits
+        path = net.prompt_runner._onnx.path
+        with pytest.raises(ValueError, match="class ids"):  # checked before the graph sees them
+            net.decode_classes(emb, [0])
+        net.class_prompt_encoder.class_embed.weight.mul_(-3.0)  # as an optimiser step would
+        second = net.decode_classes(emb, [7, 8]).logits
+        assert net.prompt_runner._onnx.path != path  # re-exported for the new weights
+        net.set_decoder_runtime("eager")
+        ref = net.decode_classes(emb, [7, 8]).logits
+    assert not torch.allclose(first, second, atol=1e-3)
+    assert float((second - ref).abs().max() / ref.abs().max()) < 1e-3
+
+
 def test_a_failing_decoder_export_falls_back_to_eager(polyp_embeddings, monkeypatch):
     import automedsam.runtime as rt
     from automedsam.model import AutoMedSAM
@@ -201,13 +255,19 @@ def test_a_failing_decoder_export_falls_back_to_eager(polyp_embeddings, monkeypa
         raise RuntimeError("exporter exploded")
 
     monkeypatch.setattr(rt, "OnnxMaskDecoder", broken)
+    monkeypatch.setattr(rt, "OnnxClassPrompts", broken)
     small = {"channels": (8, 16), "class_dim": 16}
     auto = AutoMedSAM(train_mask_decoder=True, prompt_encoder=small, decoder_runtime="auto").eval()
-    with torch.no_grad(), pytest.warns(RuntimeWarning, match="exporter exploded"):
-        auto.decode(polyp_embeddings[:1], [7])
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="exporter exploded") as caught:
+        pred = auto.decode_classes(polyp_embeddings[:1], [7, 8])
+    said = " | ".join(str(m.message) for m in caught)
+    assert "class prompt encoder unavailable" in said and "mask decoder unavailable" in said
+    assert pred.logits.shape == (2, 1, 256, 256)
     strict = AutoMedSAM(train_mask_decoder=True, prompt_encoder=small, decoder_runtime="onnx").eval()
     for _ in range(2):  # not only the first call: "onnx" never runs eager quietly
         with torch.no_grad(), pytest.raises(RuntimeError, match="unavailable"):
             strict.decode(polyp_embeddings[:1], [7])
+        with torch.no_grad(), pytest.raises(RuntimeError, match="class prompt encoder unavailable"):
+            strict.decode_classes(polyp_embeddings[:1], [7])
     with pytest.raises(ValueError, match="decoder runtime"):
         AutoMedSAM(prompt_encoder=small, decoder_runtime="tensorrt")

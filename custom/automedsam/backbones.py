@@ -120,19 +120,16 @@ class SamBackbone(nn.Module):
         return self.prompt_encoder(points=pts, boxes=boxes, masks=None)
 
     def decode(self, embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor,
-               mask_decoder: nn.Module | None = None, runner=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Low-res mask logits (B,1,256,256) and predicted IoU (B,1). ``runner``: a
-        :class:`~automedsam.runtime.DecoderRunner` choosing how the decoder runs."""
-        decoder = mask_decoder or self.mask_decoder
-        if runner is not None:
-            return runner(decoder, embeddings, self.dense_pe(), sparse, dense)
-        return decoder(
-            image_embeddings=embeddings,
-            image_pe=self.dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=False,
-        )
+               mask_decoder: nn.Module | None = None, runner=None, owner: torch.Tensor | None = None,
+               rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-res mask logits (M,1,256,256) and predicted IoU (M,1). By default one mask per prompt
+        and embedding (M = B); ``owner`` (M,) names each mask's embedding and ``rows`` (M,) its
+        prompt, so masks for several prompts of one slice need no copies of its embedding.
+        ``runner``: a :class:`~automedsam.runtime.DecoderRunner` choosing how the decoder runs."""
+        from .runtime import DecoderRunner
+
+        return (runner or DecoderRunner("eager"))(mask_decoder or self.mask_decoder, embeddings, self.dense_pe(),
+                                                 sparse, dense, owner=owner, rows=rows)
 
 
 def build_backbone(name: str = "lite_medsam", checkpoint: str | os.PathLike | None = None) -> SamBackbone:

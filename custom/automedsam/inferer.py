@@ -47,12 +47,16 @@ class ClassPromptInferer:
         threshold: foreground probability threshold for the label map.
         uncertainty: number of noise draws (0: the deterministic path).
         progress: show a progress bar over slices.
+        skip_absent: skip the prompt branches and mask decoder of (slice, class) pairs whose presence
+            says "absent": they are blanked anyway, so the label maps and probabilities do not change;
+            their predicted IoU reads 0 (see :meth:`AutoMedSAM.decode_classes`).
     Calling ``inferer(inputs, network)`` with (B,C,H,W) or (B,C,H,W,D) inputs in [0,1] returns a
     (B,1,H,W[,D]) label map, slicing 3D inputs along the last axis.
     """
 
     def __init__(self, class_ids: Sequence[int | str] | str | None = None, modality: str | None = None,
-                 batch_size: int = 4, threshold: float = 0.5, uncertainty: int = 0, progress: bool = False):
+                 batch_size: int = 4, threshold: float = 0.5, uncertainty: int = 0, progress: bool = False,
+                 skip_absent: bool = True):
         self.class_ids = parse_classes(class_ids, modality)
         # nothing asked: each input's own classes (from its meta) decide, see classes_for
         self.fixed = class_ids not in (None, "", "all") or modality is not None
@@ -60,6 +64,7 @@ class ClassPromptInferer:
         self.threshold = threshold
         self.uncertainty = uncertainty
         self.progress = progress
+        self.skip_absent = skip_absent
 
     @torch.no_grad()
     def predict(self, network, slices: torch.Tensor, class_ids: Sequence[int] | None = None,
@@ -90,7 +95,7 @@ class ClassPromptInferer:
             emb = network.encode(torch.stack([x for x, _ in inputs]).to(device))
             calls += 1
             b = emb.shape[0]
-            pred = network.decode_classes(emb, ids)  # (b*k, ...), class-major within each slice
+            pred = network.decode_classes(emb, ids, skip_absent=self.skip_absent)  # (b*k, ...), class-major per slice
             p = pred.probabilities().view(b, k, LOW_RES_SIZE, LOW_RES_SIZE).transpose(0, 1)
             probs[:, start:start + b] = low_res_to_original(p, geom).cpu()
             iou[:, start:start + b] = pred.iou.view(b, k).T.cpu()

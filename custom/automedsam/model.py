@@ -19,6 +19,10 @@ from .classes import NUM_CLASSES
 from .prompt_encoder import DiffusionClassPromptEncoder, Prompts
 
 
+# the logit given to a (slice, class) whose mask decoder was skipped as absent (sigmoid: 0)
+ABSENT_LOGIT = -100.0
+
+
 @dataclass
 class Prediction:
     logits: torch.Tensor  # (B,1,256,256) low-res mask logits
@@ -49,10 +53,11 @@ class AutoMedSAM(nn.Module):
         encoder_runtime: how the frozen encoder runs on CPU: ``auto`` (ONNX Runtime when
             installed, else eager), ``eager``, ``onnx`` or ``bf16``; see :mod:`automedsam.runtime`.
             None: ``$AUTOMEDSAM_ENCODER_RUNTIME``, else ``auto``.
-        decoder_runtime: how the mask decoder runs at inference on CPU (no gradients, eval mode):
-            ``auto`` (ONNX Runtime when it checks out, else eager), ``eager`` or ``onnx``; see
-            :class:`automedsam.runtime.DecoderRunner`. None: ``$AUTOMEDSAM_DECODER_RUNTIME``,
-            else ``eager`` (the bundle's inference config asks for ``auto``).
+        decoder_runtime: how the class decode (class prompt encoder and mask decoder) runs at
+            inference on CPU (no gradients, eval mode): ``auto`` (ONNX Runtime when it checks out,
+            else eager), ``eager`` or ``onnx``; see :class:`automedsam.runtime.DecoderRunner`.
+            None: ``$AUTOMEDSAM_DECODER_RUNTIME``, else ``eager`` (the bundle's inference config
+            asks for ``auto``).
     """
 
     def __init__(self, backbone: SamBackbone | str = "lite_medsam", checkpoint: str | None = None,
@@ -71,11 +76,16 @@ class AutoMedSAM(nn.Module):
         # path); a fine-tuned decoder is the student's own copy
         freeze(backbone)
         self.student_decoder = copy.deepcopy(backbone.mask_decoder).requires_grad_(True) if train_mask_decoder else None
-        from .runtime import DecoderRunner
+        self.set_decoder_runtime(decoder_runtime or os.environ.get("AUTOMEDSAM_DECODER_RUNTIME") or "eager")
 
-        # a plain attribute (not a submodule): the runner holds no weights of its own
-        object.__setattr__(self, "decoder_runner", DecoderRunner(
-            decoder_runtime or os.environ.get("AUTOMEDSAM_DECODER_RUNTIME") or "eager", f"{backbone.name}-mask-decoder"))
+    def set_decoder_runtime(self, runtime: str) -> None:
+        """How the class decode (class prompt encoder and mask decoder) runs at inference on CPU:
+        ``auto``, ``eager`` or ``onnx`` (see :class:`automedsam.runtime.DecoderRunner`)."""
+        from .runtime import ClassPromptRunner, DecoderRunner
+
+        # plain attributes (not submodules): the runners hold no weights of their own
+        object.__setattr__(self, "decoder_runner", DecoderRunner(runtime, f"{self.backbone.name}-mask-decoder"))
+        object.__setattr__(self, "prompt_runner", ClassPromptRunner(runtime, f"{self.backbone.name}-class-prompts"))
 
     @property
     def image_size(self) -> int:
@@ -118,22 +128,47 @@ class AutoMedSAM(nn.Module):
         """Masks for one class per embedding. Optional SAM box (B,4) / point (B,N,2)+(B,N) prompts, in
         backbone-input pixels, are added to the class prompts (interactive correction)."""
         p = prompts if prompts is not None else self.prompts(embeddings, class_ids, noise)
-        sparse, dense = p.sparse, p.dense
+        sparse = p.sparse
         if boxes is not None or points is not None:
             extra, _ = self.backbone.prompt(boxes=boxes, points=points, point_labels=point_labels)
             sparse = torch.cat([sparse, extra.to(sparse.dtype)], 1)
-        logits, iou = self.backbone.decode(embeddings.to(dense.dtype), sparse, dense, mask_decoder=self.student_decoder,
-                                           runner=self.decoder_runner)
+        logits, iou = self._masks(embeddings, sparse, p.dense)
         presence = p.presence_logit
         if boxes is not None or points is not None:
             presence = torch.full_like(presence, 20.0)  # the user has said the class is there
         return Prediction(logits=logits, iou=iou, presence_logit=presence)
 
-    def decode_classes(self, embeddings: torch.Tensor, class_ids: Sequence[int]) -> Prediction:
-        """Every class for every embedding: outputs (B*K, ...), class-major within each embedding."""
-        p = self.class_prompt_encoder.forward_classes(embeddings, list(class_ids))
-        rep = embeddings.repeat_interleave(len(class_ids), 0)
-        return self.decode(rep, None, prompts=p)
+    def _masks(self, embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor, owner=None, rows=None):
+        """MedSAM's mask decoder (the student's copy when it is trained) on prompt embeddings;
+        ``owner``/``rows``: see :meth:`SamBackbone.decode`."""
+        return self.backbone.decode(embeddings.to(dense.dtype), sparse, dense, mask_decoder=self.student_decoder,
+                                    runner=self.decoder_runner, owner=owner, rows=rows)
+
+    def decode_classes(self, embeddings: torch.Tensor, class_ids: Sequence[int], skip_absent: bool = False) -> Prediction:
+        """Every class for every embedding: outputs (B*K, ...), class-major within each embedding.
+
+        ``skip_absent``: where a class's presence logit says it is absent (<= 0), its prompt branches
+        and mask decoder are not run: its logits are ``ABSENT_LOGIT`` and its predicted IoU 0.
+        :meth:`Prediction.probabilities` (and so every label map) is the same either way, since it
+        blanks those rows; only the raw logits and IoU of absent rows differ.
+        """
+        ids = torch.as_tensor(list(class_ids), device=embeddings.device).long()
+        b, k = embeddings.shape[0], ids.numel()
+        owner = torch.arange(b, device=embeddings.device).repeat_interleave(k)
+        p = self.prompt_runner(self.class_prompt_encoder, embeddings, owner, ids.repeat(b), skip_absent=skip_absent)
+        if not skip_absent:
+            logits, iou = self._masks(embeddings, p.sparse, p.dense, owner=owner)
+            return Prediction(logits=logits, iou=iou, presence_logit=p.presence_logit)
+        # the items decoded: those judged present; p.rows when the prompt encoder skipped the rest
+        # itself (eager), else (the ONNX path made prompts for every item) picked here
+        present = torch.nonzero(p.presence_logit > 0).squeeze(1)
+        n = p.presence_logit.shape[0]
+        logits = p.dense.new_full((n, 1, LOW_RES_SIZE, LOW_RES_SIZE), ABSENT_LOGIT)
+        iou = p.dense.new_zeros(n, 1)
+        if present.numel():
+            rows = None if p.rows is not None else present
+            logits[present], iou[present] = self._masks(embeddings, p.sparse, p.dense, owner=owner[present], rows=rows)
+        return Prediction(logits=logits, iou=iou, presence_logit=p.presence_logit)
 
     @torch.no_grad()
     def teacher(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:

@@ -15,10 +15,13 @@ speed of the product. The paths:
 * ``auto`` (default): ``onnx`` for CPU tensors when ``onnxruntime`` is installed and the export
   checks out, else ``eager``. CUDA tensors always run eager (the model's own device).
 
-The mask decoder runs once per class and slice, so it sets what each extra class costs. At
-inference (``DecoderRunner``: CPU, no gradients, eval mode) it can run through ONNX Runtime too,
-with dynamic batch and prompt-token count (about 2.5x eager on 2 cores, same logits to ~1e-5);
-the bundle's inference config turns this on, training never uses it.
+The class decode (the class prompt encoder's per-class part and the mask decoder) runs once per
+class and slice, so it sets what each extra class costs. At inference (CPU, no gradients, eval
+mode) both parts can run through ONNX Runtime too (``ClassPromptRunner``, ``DecoderRunner``):
+dynamic numbers of slices, classes and prompt tokens, each slice's embedding picked inside the
+graph rather than copied per class, same answer to ~1e-5; the bundle's inference config turns
+this on, training never uses it. Idle ONNX Runtime threads sleep rather than spin, since the
+encoder's, the decode's and PyTorch's thread pools take turns on the same cores.
 
 Any failure of the fast path (no onnxruntime, an export the exporter cannot handle, a check that
 does not agree) falls back to eager with one warning: the fast path never changes the answer.
@@ -59,11 +62,12 @@ def onnxruntime_available() -> bool:
     return True
 
 
-def weights_key(module: nn.Module, image_size: int) -> str:
-    """Hash of the weights, input size and the versions that shape an export."""
+def weights_key(module: nn.Module, image_size: int, signature: str = "") -> str:
+    """Hash of the weights, input size, the graph's ``signature`` (its inputs and outputs) and the
+    versions that shape an export."""
     import onnx
 
-    h = hashlib.sha256(f"{image_size}|{torch.__version__}|{onnx.__version__}|{ONNX_OPSET}".encode())
+    h = hashlib.sha256(f"{image_size}|{signature}|{torch.__version__}|{onnx.__version__}|{ONNX_OPSET}".encode())
     for name, t in sorted(module.state_dict().items()):
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
@@ -82,6 +86,9 @@ def _session(path: Path, threads: int | None):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or torch.get_num_threads()
     opts.inter_op_num_threads = 1
+    # idle worker threads sleep instead of spinning: the encoder's, the class decode's and
+    # PyTorch's thread pools take turns on the same cores, and a spinning pool steals the next one's
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
@@ -113,6 +120,11 @@ class _OnnxGraph:
             self.exported = True
             self.session = _session(self.path, threads)
         self.input_name = self.session.get_inputs()[0].name
+
+    @classmethod
+    def signature(cls) -> str:
+        """What the graph takes and gives: part of its file's key, so a changed graph is re-exported."""
+        return f"{cls.__name__}({','.join(cls.input_names)})->({','.join(cls.output_names)})"
 
     def _inputs(self) -> list[tuple[torch.Tensor, ...]]:
         raise NotImplementedError
@@ -164,7 +176,7 @@ class OnnxEncoder(_OnnxGraph):
                  directory: str | os.PathLike | None = None, threads: int | None = None):
         self.image_size = image_size
         directory = Path(directory) if directory is not None else cache_dir()
-        super().__init__(encoder, directory / f"{name}-{image_size}-{weights_key(encoder, image_size)}.onnx", threads)
+        super().__init__(encoder, directory / f"{name}-{image_size}-{weights_key(encoder, image_size, self.signature())}.onnx", threads)
 
     def _inputs(self) -> list[tuple[torch.Tensor, ...]]:
         return [(_check_input(self.image_size),)]
@@ -175,46 +187,68 @@ class OnnxEncoder(_OnnxGraph):
         return torch.from_numpy(np.concatenate(out))
 
 
+def select_masks(embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor, owner: torch.Tensor | None,
+                 rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-mask decoder inputs: embedding ``owner[m]`` and prompt ``rows[m]`` for mask m (None: the
+    m-th of each)."""
+    if owner is not None:
+        embeddings = embeddings.index_select(0, owner)
+    if rows is not None:
+        sparse, dense = sparse.index_select(0, rows), dense.index_select(0, rows)
+    return embeddings, sparse, dense
+
+
 class _SingleMaskDecoder(nn.Module):
-    """SAM's mask decoder as a tensors-in, tensors-out graph (one mask per prompt set)."""
+    """SAM's mask decoder as a tensors-in, tensors-out graph (one mask per prompt set), picking each
+    mask's embedding and prompt inside the graph (no copies outside it)."""
 
     def __init__(self, decoder: nn.Module):
         super().__init__()
         self.decoder = decoder
 
-    def forward(self, embeddings, image_pe, sparse, dense):
+    def forward(self, embeddings, image_pe, sparse, dense, owner, rows):
+        embeddings, sparse, dense = select_masks(embeddings, sparse, dense, owner, rows)
         return self.decoder(image_embeddings=embeddings, image_pe=image_pe, sparse_prompt_embeddings=sparse,
                             dense_prompt_embeddings=dense, multimask_output=False)
 
 
 class OnnxMaskDecoder(_OnnxGraph):
-    """A (trained, frozen at inference) SAM mask decoder exported to ONNX: batch and number of
-    sparse prompt tokens are dynamic; the export is checked at two batch sizes and token counts.
-    Call with (embeddings (B,C,h,w), image_pe (1,C,h,w), sparse (B,N,C), dense (B,C,h,w)) ->
-    (low-res logits (B,1,4h,4w), iou (B,1))."""
+    """A (trained, frozen at inference) SAM mask decoder exported to ONNX: numbers of embeddings,
+    prompts, masks and sparse prompt tokens are dynamic; the export is checked at two of each.
+    Call with (embeddings (S,C,h,w), image_pe (1,C,h,w), sparse (P,N,C), dense (P,C,h,w), owner
+    (M,), rows (M,)) -> (low-res logits (M,1,4h,4w), iou (M,1)); mask m uses embedding
+    ``owner[m]`` and prompt ``rows[m]`` (None: the m-th of each)."""
 
-    input_names, output_names = ("embeddings", "image_pe", "sparse", "dense"), ("logits", "iou")
-    dynamic_axes = {"embeddings": {0: "batch"}, "sparse": {0: "batch", 1: "tokens"}, "dense": {0: "batch"},
-                    "logits": {0: "batch"}, "iou": {0: "batch"}}
+    input_names = ("embeddings", "image_pe", "sparse", "dense", "owner", "rows")
+    output_names = ("logits", "iou")
+    dynamic_axes = {"embeddings": {0: "slices"}, "sparse": {0: "prompts", 1: "tokens"}, "dense": {0: "prompts"},
+                    "owner": {0: "masks"}, "rows": {0: "masks"}, "logits": {0: "masks"}, "iou": {0: "masks"}}
 
     def __init__(self, decoder: nn.Module, embedding_shape: tuple[int, int, int], name: str = "mask-decoder",
                  directory: str | os.PathLike | None = None, threads: int | None = None):
         self.embedding_shape = tuple(embedding_shape)
         graph = _SingleMaskDecoder(decoder).eval()
         directory = Path(directory) if directory is not None else cache_dir()
-        key = weights_key(graph, self.embedding_shape[-1])
+        key = weights_key(graph, self.embedding_shape[-1], self.signature())
         super().__init__(graph, directory / f"{name}-{key}.onnx", threads)
 
     def _inputs(self) -> list[tuple[torch.Tensor, ...]]:
         g = torch.Generator().manual_seed(0)
         c, h, w = self.embedding_shape
         pe = torch.randn(1, c, h, w, generator=g)
-        return [(torch.randn(b, c, h, w, generator=g), pe, torch.randn(b, n, c, generator=g),
-                 torch.randn(b, c, h, w, generator=g)) for b, n in ((2, 3), (3, 5))]
+        out = []
+        for s, p, n, owner, rows in ((1, 2, 3, [0, 0], [0, 1]), (2, 4, 5, [0, 1, 1], [0, 2, 3])):
+            out.append((torch.randn(s, c, h, w, generator=g), pe, torch.randn(p, n, c, generator=g),
+                        torch.randn(p, c, h, w, generator=g), torch.tensor(owner), torch.tensor(rows)))
+        return out
 
-    def __call__(self, embeddings, image_pe, sparse, dense) -> tuple[torch.Tensor, torch.Tensor]:
-        feed = {n: t.detach().to(torch.float32).contiguous().numpy()
-                for n, t in zip(self.input_names, (embeddings, image_pe, sparse, dense))}
+    def __call__(self, embeddings, image_pe, sparse, dense, owner=None, rows=None) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(sparse) if rows is None else len(rows)
+        owner = torch.arange(n) if owner is None else owner
+        rows = torch.arange(n) if rows is None else rows
+        feed = {name: t.detach().to(torch.float32).contiguous().numpy()
+                for name, t in zip(self.input_names, (embeddings, image_pe, sparse, dense))}
+        feed["owner"], feed["rows"] = owner.to(torch.int64).numpy(), rows.to(torch.int64).numpy()
         logits, iou = self.session.run(None, feed)
         return torch.from_numpy(logits), torch.from_numpy(iou)
 
@@ -284,48 +318,138 @@ class EncoderRunner:
         return self.encoder(images)
 
 
+class OnnxClassPrompts(_OnnxGraph):
+    """The class prompt encoder's inference path (:meth:`DiffusionClassPromptEncoder.prompts_for`
+    with its fixed evaluation noise) exported to ONNX: (embeddings (S,C,h,w), owner (B,), class ids
+    (B,)) -> (sparse (B,N,C), dense (B,C,h,w), presence logits (B,)); numbers of slices and items
+    are dynamic, checked at two of each."""
+
+    input_names, output_names = ("embeddings", "owner", "class_ids"), ("sparse", "dense", "presence")
+    dynamic_axes = {"embeddings": {0: "slices"}, "owner": {0: "items"}, "class_ids": {0: "items"},
+                    "sparse": {0: "items"}, "dense": {0: "items"}, "presence": {0: "items"}}
+
+    def __init__(self, encoder: nn.Module, embedding_shape: tuple[int, int, int], name: str = "class-prompts",
+                 directory: str | os.PathLike | None = None, threads: int | None = None):
+        self.embedding_shape, self.num_classes = tuple(embedding_shape), encoder.num_classes
+        graph = _ClassPromptsGraph(encoder).eval()
+        directory = Path(directory) if directory is not None else cache_dir()
+        super().__init__(graph, directory / f"{name}-{weights_key(graph, self.embedding_shape[-1], self.signature())}.onnx", threads)
+
+    def _inputs(self) -> list[tuple[torch.Tensor, ...]]:
+        g = torch.Generator().manual_seed(0)
+        out = []
+        for s, k in ((2, 3), (3, 2)):
+            ids = torch.randint(1, self.num_classes + 1, (k,), generator=g)
+            out.append((0.1 * torch.randn(s, *self.embedding_shape, generator=g),
+                        torch.arange(s).repeat_interleave(k), ids.repeat(s)))
+        return out
+
+    def __call__(self, embeddings, owner, class_ids):
+        from .prompt_encoder import Prompts
+
+        feed = {"embeddings": embeddings.detach().to(torch.float32).contiguous().numpy(),
+                "owner": owner.to(torch.int64).numpy(), "class_ids": class_ids.to(torch.int64).numpy()}
+        sparse, dense, presence = (torch.from_numpy(a) for a in self.session.run(None, feed))
+        return Prompts(sparse=sparse, dense=dense, presence_logit=presence)
+
+
+class _ClassPromptsGraph(nn.Module):
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, embeddings, owner, class_ids):
+        p = self.encoder.prompts_for(embeddings, owner, class_ids)
+        return p.sparse, p.dense, p.presence_logit
+
+
 DECODER_RUNTIMES = ("auto", "eager", "onnx")
 
 
-class DecoderRunner:
-    """Runs a mask decoder for inference through ONNX Runtime (``auto``/``onnx``) or eager.
+class _InferenceGraphRunner:
+    """Runs a trainable module for inference through ONNX Runtime (``auto``/``onnx``) or eager.
 
     ONNX Runtime is used only where it cannot change training: CPU float32 tensors, no gradients
-    being recorded, the decoder in eval mode. The export is keyed by the decoder's weights and
-    rebuilt when they change (parameter version counters: an optimiser step or a
+    being recorded, the module in eval mode. The export is keyed by the module's weights and
+    rebuilt when they change (parameter and buffer version counters: an optimiser step or a
     ``load_state_dict`` moves them), so a model evaluated between training epochs never meets a
     stale graph. ``auto`` falls back to eager with one warning when the export is unavailable;
-    ``onnx`` raises instead.
+    ``onnx`` raises instead. Subclasses say what to build (``_make``) and how to call it.
     """
 
-    def __init__(self, runtime: str = "eager", name: str = "mask-decoder"):
+    what = "module"
+
+    def __init__(self, runtime: str = "eager", name: str = "module"):
         if runtime not in DECODER_RUNTIMES:
             raise ValueError(f"decoder runtime must be one of {DECODER_RUNTIMES}, got '{runtime}'")
         self.runtime, self.name = runtime, name
-        self._onnx: OnnxMaskDecoder | None = None
+        self._onnx = None
         self._stamp = None
         self._failed: str | None = None
 
     def __getstate__(self):  # copies and pickles rebuild the ONNX session lazily
         return {**self.__dict__, "_onnx": None, "_stamp": None}
 
-    def _graph(self, decoder: nn.Module, shape: tuple[int, int, int]) -> OnnxMaskDecoder | None:
-        params = list(decoder.parameters())
-        stamp = (id(decoder), shape, tuple((p.data_ptr(), p._version) for p in params))
+    def _make(self, module: nn.Module, shape: tuple[int, int, int]) -> _OnnxGraph:
+        raise NotImplementedError
+
+    def _usable(self, module: nn.Module, *tensors: torch.Tensor) -> bool:
+        return (self.runtime != "eager" and not torch.is_grad_enabled() and not module.training
+                and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors))
+
+    def _graph(self, module: nn.Module, shape: tuple[int, int, int]):
+        state = list(module.parameters()) + list(module.buffers())
+        stamp = (id(module), shape, tuple((t.data_ptr(), t._version) for t in state))
         if stamp != self._stamp:
             self._onnx, self._stamp = None, stamp
-            self._onnx, self._failed = _build_or_fall_back(
-                lambda: OnnxMaskDecoder(decoder, shape, self.name), "mask decoder", self.runtime, stacklevel=5)
+            self._onnx, self._failed = _build_or_fall_back(lambda: self._make(module, shape), self.what, self.runtime,
+                                                           stacklevel=5)
         elif self._onnx is None and self.runtime == "onnx":  # asked for, and failed before: every call says so
-            raise RuntimeError(f"ONNX Runtime mask decoder unavailable ({self._failed})")
+            raise RuntimeError(f"ONNX Runtime {self.what} unavailable ({self._failed})")
         return self._onnx
 
+
+class DecoderRunner(_InferenceGraphRunner):
+    """SAM's mask decoder at inference (see :class:`_InferenceGraphRunner`)."""
+
+    what = "mask decoder"
+
+    def __init__(self, runtime: str = "eager", name: str = "mask-decoder"):
+        super().__init__(runtime, name)
+
+    def _make(self, module, shape):
+        return OnnxMaskDecoder(module, shape, self.name)
+
     def __call__(self, decoder: nn.Module, embeddings: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor,
-                 dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if (self.runtime != "eager" and embeddings.device.type == "cpu" and embeddings.dtype == torch.float32
-                and dense.dtype == torch.float32 and not torch.is_grad_enabled() and not decoder.training):
+                 dense: torch.Tensor, owner: torch.Tensor | None = None,
+                 rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masks from the decoder; ``owner``/``rows``: see :func:`select_masks`."""
+        if self._usable(decoder, embeddings, dense):
             graph = self._graph(decoder, tuple(embeddings.shape[1:]))
             if graph is not None:
-                return graph(embeddings, image_pe, sparse, dense)
+                return graph(embeddings, image_pe, sparse, dense, owner, rows)
+        embeddings, sparse, dense = select_masks(embeddings, sparse, dense, owner, rows)
         return decoder(image_embeddings=embeddings, image_pe=image_pe, sparse_prompt_embeddings=sparse,
                        dense_prompt_embeddings=dense, multimask_output=False)
+
+
+class ClassPromptRunner(_InferenceGraphRunner):
+    """The class prompt encoder at inference with its fixed evaluation noise (see
+    :class:`_InferenceGraphRunner`); returns :class:`Prompts` for every item (no ``rows``)."""
+
+    what = "class prompt encoder"
+
+    def __init__(self, runtime: str = "eager", name: str = "class-prompts"):
+        super().__init__(runtime, name)
+
+    def _make(self, module, shape):
+        return OnnxClassPrompts(module, shape, self.name)
+
+    def __call__(self, encoder: nn.Module, embeddings: torch.Tensor, owner: torch.Tensor, class_ids: torch.Tensor,
+                 skip_absent: bool = False):
+        encoder.check_class_ids(class_ids)
+        if self._usable(encoder, embeddings):
+            graph = self._graph(encoder, tuple(embeddings.shape[1:]))
+            if graph is not None:
+                return graph(embeddings, owner, class_ids)
+        return encoder.prompts_for(embeddings, owner, class_ids, skip_absent=skip_absent)
