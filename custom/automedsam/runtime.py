@@ -377,12 +377,12 @@ class _InferenceGraphRunner:
     ``onnx`` raises instead. Subclasses say what to build (``_make``) and how to call it.
     """
 
-    what = "module"
+    what = "module"  # in messages; its file name is ``name`` (default: ``what``, hyphenated)
 
-    def __init__(self, runtime: str = "eager", name: str = "module"):
+    def __init__(self, runtime: str = "eager", name: str | None = None):
         if runtime not in DECODER_RUNTIMES:
             raise ValueError(f"decoder runtime must be one of {DECODER_RUNTIMES}, got '{runtime}'")
-        self.runtime, self.name = runtime, name
+        self.runtime, self.name = runtime, name or self.what.replace(" ", "-")
         self._onnx = None
         self._stamp = None
         self._failed: str | None = None
@@ -414,9 +414,6 @@ class DecoderRunner(_InferenceGraphRunner):
 
     what = "mask decoder"
 
-    def __init__(self, runtime: str = "eager", name: str = "mask-decoder"):
-        super().__init__(runtime, name)
-
     def _make(self, module, shape):
         return OnnxMaskDecoder(module, shape, self.name)
 
@@ -438,9 +435,6 @@ class ClassPromptRunner(_InferenceGraphRunner):
     :class:`_InferenceGraphRunner`); returns :class:`Prompts` for every item (no ``rows``)."""
 
     what = "class prompt encoder"
-
-    def __init__(self, runtime: str = "eager", name: str = "class-prompts"):
-        super().__init__(runtime, name)
 
     def _make(self, module, shape):
         return OnnxClassPrompts(module, shape, self.name)
