@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from .backbones import LOW_RES_SIZE, SamBackbone, build_backbone, freeze, load_state_dict_file
 from .classes import NUM_CLASSES
-from .prompt_encoder import DiffusionClassPromptEncoder, Prompts
+from .prompt_encoder import DiffusionClassPromptEncoder, Prompts, class_items
 
 
 # the logit given to a (slice, class) whose mask decoder was skipped as absent (sigmoid: 0)
@@ -152,10 +152,8 @@ class AutoMedSAM(nn.Module):
         :meth:`Prediction.probabilities` (and so every label map) is the same either way, since it
         blanks those rows; only the raw logits and IoU of absent rows differ.
         """
-        ids = torch.as_tensor(list(class_ids), device=embeddings.device).long()
-        b, k = embeddings.shape[0], ids.numel()
-        owner = torch.arange(b, device=embeddings.device).repeat_interleave(k)
-        p = self.prompt_runner(self.class_prompt_encoder, embeddings, owner, ids.repeat(b), skip_absent=skip_absent)
+        owner, ids = class_items(embeddings.shape[0], class_ids, embeddings.device)
+        p = self.prompt_runner(self.class_prompt_encoder, embeddings, owner, ids, skip_absent=skip_absent)
         if not skip_absent:
             logits, iou = self._masks(embeddings, p.sparse, p.dense, owner=owner)
             return Prediction(logits=logits, iou=iou, presence_logit=p.presence_logit)

@@ -131,6 +131,12 @@ class Prompts:
     rows: torch.Tensor | None = None
 
 
+def class_items(n: int, class_ids, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every class for each of ``n`` embeddings, class-major within each: (owner, class id) per item."""
+    ids = torch.as_tensor(class_ids if torch.is_tensor(class_ids) else list(class_ids), device=device).long().reshape(-1)
+    return torch.arange(n, device=device).repeat_interleave(ids.numel()), ids.repeat(n)
+
+
 def _timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
@@ -310,10 +316,8 @@ class DiffusionClassPromptEncoder(nn.Module):
                         noise: torch.Tensor | None = None, skip_absent: bool = False) -> Prompts:
         """Prompts for every class in ``class_ids`` for each embedding; output batch is B*K, class-major
         within each embedding. ``skip_absent``: see :meth:`heads`."""
-        ids = torch.as_tensor(class_ids, device=embeddings.device).long().reshape(-1)
-        b, k = embeddings.shape[0], ids.numel()
-        owner = torch.arange(b, device=embeddings.device).repeat_interleave(k)
-        return self.prompts_for(embeddings, owner, ids.repeat(b), noise=noise, skip_absent=skip_absent)
+        owner, ids = class_items(embeddings.shape[0], class_ids, embeddings.device)
+        return self.prompts_for(embeddings, owner, ids, noise=noise, skip_absent=skip_absent)
 
     def prompts_for(self, embeddings: torch.Tensor, owner: torch.Tensor, class_ids: torch.Tensor,
                     noise: torch.Tensor | None = None, skip_absent: bool = False) -> Prompts:
