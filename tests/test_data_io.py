@@ -294,12 +294,15 @@ def test_random_bytes(tmp_path, name):
 
 
 def test_truncated_files(data_root, tmp_path):
-    for rel, name in ((CT, "ct.nii.gz"), (POLYP, "p.jpg"), (XRAY, "x.png")):
+    cases = ((CT, "ct.nii.gz"), (POLYP, "p.jpg"), (XRAY, "x.png"))
+    before = {rel: sha(data_root / rel) for rel, _ in cases}
+    for rel, name in cases:
         data = (data_root / rel).read_bytes()
         p = tmp_path / name
         p.write_bytes(data[: len(data) // 2])
         _bad(p, "cannot read")
-    assert sha(data_root / CT) == sha(data_root / CT)  # sources are only read
+        assert sha(p) == hashlib.sha256(data[: len(data) // 2]).hexdigest()  # the truncated copy is only read
+    assert {rel: sha(data_root / rel) for rel, _ in cases} == before  # sources are only read
 
 
 def test_bad_arrays(tmp_path):

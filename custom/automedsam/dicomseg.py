@@ -15,37 +15,57 @@ __all__ = ["segment_codes", "build_dicom_seg", "write_dicom_seg"]
 
 
 def segment_codes(class_id: int):
-    """(segmented property category, segmented property type) SNOMED CT codes of a class."""
+    """(segmented property category, segmented property type) codes of a class: the coded concept
+    of the vocabulary's classes file (SNOMED CT); a class without one is an "Anatomical Structure"."""
     from pydicom.sr.coding import Code
 
-    anatomy = Code("91723000", "SCT", "Anatomical Structure")
-    abnormal = Code("49755003", "SCT", "Morphologically Abnormal Structure")
-    table = {
-        "liver": (anatomy, Code("10200004", "SCT", "Liver")),
-        "spleen": (anatomy, Code("78961009", "SCT", "Spleen")),
-        "kidney_left": (anatomy, Code("18639004", "SCT", "Left kidney")),
-        "kidney_right": (anatomy, Code("9846003", "SCT", "Right kidney")),
-        "pancreas": (anatomy, Code("15776009", "SCT", "Pancreas")),
-        "lungs": (anatomy, Code("39607008", "SCT", "Lung")),
-        "brain_tumor": (abnormal, Code("108369006", "SCT", "Neoplasm")),
-        "polyp": (abnormal, Code("68496003", "SCT", "Polyp of colon")),
-    }
-    name = CLASSES[class_id]
-    return table.get(name, (anatomy, Code("91723000", "SCT", "Anatomical Structure")))
+    from .classes import CLASS_CODES
+
+    anatomy = {"code": "91723000", "scheme": "SCT", "meaning": "Anatomical Structure"}
+    codes = CLASS_CODES.get(int(class_id), {})
+    cat, typ = codes.get("category", anatomy), codes.get("type", anatomy)
+    return (Code(str(cat["code"]), cat.get("scheme", "SCT"), cat["meaning"]),
+            Code(str(typ["code"]), typ.get("scheme", "SCT"), typ["meaning"]))
 
 
 def _source_frames(native: np.ndarray, layout: str) -> np.ndarray:
     """The label array on the input's voxel grid -> (frames, rows, columns) in source-file order."""
     if layout == "xy":  # one 2D DICOM image, (X,Y)
         return native.T[None]
-    if layout == "xyz":  # (X,Y,Z): plane k is file k (columns along X, rows along Y)
+    if layout == "xyz":  # (X,Y,Z) -> (Z,Y,X): plane k (columns along X, rows along Y); dicom["planes"] maps files
         return np.ascontiguousarray(np.transpose(native, (2, 1, 0)))
     raise ValueError(f"DICOM-SEG needs DICOM input, got layout {layout}")
+
+
+def _source_dataset(path: str, dicom: dict, k: int):
+    """A source file's header for highdicom, with the UIDs the loader generated for empty ones
+    (``dicom["generated_uids"]``) filled in memory: the file itself is never changed."""
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    fill = {"SeriesInstanceUID": dicom.get("series_uid"), "StudyInstanceUID": dicom.get("study_uid"),
+            "FrameOfReferenceUID": dicom.get("frame_of_reference_uid"),
+            "SOPInstanceUID": (dicom.get("sop_instance_uids") or [None] * (k + 1))[k]}
+    for key, value in fill.items():
+        if value and not str(ds.get(key, "") or "").strip():
+            setattr(ds, key, value)
+    for key in _TYPE2_COPIED:  # type 2 (may be empty, must be there): anonymisers often remove them
+        if key not in ds:
+            setattr(ds, key, "")
+    return ds
+
+
+# patient and study attributes highdicom copies from the source into the SEG
+_TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                 "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
 
 def build_dicom_seg(loaded, label_slices: np.ndarray, class_ids: Sequence[int], software_version: str = "0",
                     algorithm_name: str = "AutoMedSAM", series_description: str = "AutoMedSAM segmentation"):
     """A highdicom ``Segmentation`` of the found classes, or None when no class was found.
+
+    The segmentation references the source files' SOP instances (``loaded.meta["dicom"]``); UIDs
+    the files left empty are the ones the loader generated (``generated_uids``, in the report).
 
     Args:
         loaded: the :class:`~automedsam.data.io.LoadedImage` of a DICOM series (or file).
@@ -61,11 +81,14 @@ def build_dicom_seg(loaded, label_slices: np.ndarray, class_ids: Sequence[int], 
         raise ValueError(f"{loaded.path}: DICOM-SEG needs DICOM input")
     native = loaded.labels_to_native(np.asarray(label_slices, dtype=np.uint8))
     frames = _source_frames(native, loaded.meta["layout"])
-    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in dicom["files"]]
+    sources = [_source_dataset(f, dicom, k) for k, f in enumerate(dicom["files"])]
     if len(sources) == 1 and int(getattr(sources[0], "NumberOfFrames", 1) or 1) > 1:
         pass  # multi-frame source: frames follow the source's frames
-    elif len(sources) != frames.shape[0]:
-        raise ValueError(f"{loaded.path}: {len(sources)} DICOM files but {frames.shape[0]} label planes")
+    else:
+        planes = list(dicom.get("planes") or range(len(sources)))
+        if len(planes) != len(sources) or (planes and max(planes) >= frames.shape[0]):
+            raise ValueError(f"{loaded.path}: {len(sources)} DICOM files but {frames.shape[0]} label planes")
+        frames = frames[planes]  # planes filled between the files (a gap) have no source image
     found = [int(c) for c in class_ids if (frames == c).any()]
     if not found:
         return None

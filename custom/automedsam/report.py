@@ -23,7 +23,8 @@ LOW_IOU = 0.5  # mean predicted IoU under this is flagged "low predicted IoU"
 def class_statistics(label_slices: np.ndarray, class_ids: Sequence[int], iou: np.ndarray, presence: np.ndarray,
                      spacing: Sequence[float] | None = None, is_volume: bool = True,
                      native_slice: Callable[[int], int] | None = None,
-                     flags: dict[int, list[str]] | None = None) -> dict[str, dict[str, Any]]:
+                     flags: dict[int, list[str]] | None = None,
+                     voxel_ml: float | None = None) -> dict[str, dict[str, Any]]:
     """Per-class numbers for the report, keyed by class name.
 
     Args:
@@ -31,13 +32,18 @@ def class_statistics(label_slices: np.ndarray, class_ids: Sequence[int], iou: np
         class_ids: the classes asked for, in the order of the rows of ``iou``/``presence``.
         iou, presence: (K,N) the decoder's predicted IoU and the presence probability per slice.
         spacing: voxel sizes in mm (volumes: ``volume_ml`` is given).
+        voxel_ml: the volume of one voxel in ml, ``|det(affine)| / 1000`` (``LoadedImage.voxel_ml``);
+            when given it is used instead of the product of ``spacing``, which is too large under shear.
         native_slice: maps a slice index of ``label_slices`` to the input's own slice number.
         flags: extra flags per class id (e.g. "refined by user box").
     """
     lab = np.asarray(label_slices)
     iou = np.asarray(iou, dtype=np.float64)
     presence = np.asarray(presence, dtype=np.float64)
-    voxel_ml = float(np.prod(spacing)) / 1000.0 if (is_volume and spacing is not None) else None
+    if not is_volume:
+        voxel_ml = None
+    elif voxel_ml is None and spacing is not None:
+        voxel_ml = float(np.prod(spacing)) / 1000.0
     per_slice = {cid: (lab == cid).reshape(lab.shape[0], -1).sum(1) for cid in class_ids}
     out: dict[str, dict[str, Any]] = {}
     for j, cid in enumerate(class_ids):

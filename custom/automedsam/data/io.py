@@ -8,8 +8,9 @@ pipeline serves them all:
 input              MONAI reader                    slice k
 =================  ==============================  =========================================
 NIfTI              ``NibabelReader``               ``vol[..., k].T`` after reorientation
-DICOM series dir   ``ITKReader`` (GDCM, sorted by  ``vol[..., k].T`` after reorientation
-                   slice position)
+DICOM series dir   ``DicomSeriesReader`` (data/   ``vol[..., k].T`` after reorientation
+or DICOMDIR        dicom.py: pydicom headers, by
+                   slice position; UIDs optional)
 MHA/MHD/NRRD       ``ITKReader``                   ``vol[..., k].T`` after reorientation
 single DICOM file  ``ITKReader``                   ``img.T`` (2D) or as a volume if multi-frame
 PNG/JPG/BMP/TIFF   ``PILReader(reverse_indexing=   the image as stored (H rows, W columns)
@@ -36,6 +37,11 @@ from typing import Any
 import numpy as np
 
 from ..atomic import atomic_write
+from .geometry import _AXIS_LABELS  # noqa: F401  (re-exported: transforms.py)
+from .geometry import _affine_spacing, _check_axcodes, _native_to_slices, _orient, _orient_codes, _slices_to_native, \
+    nifti_geometry_notes, voxel_volume_mm3
+from .geometry import check_affine as _check_affine
+from .limits import DEFAULT_MAX_VOXELS, _check_voxels, _PilNoBombLimit, header_voxels, max_voxels_limit
 
 __all__ = [
     "InputError",
@@ -62,18 +68,10 @@ NPZ_SUFFIXES = (".npz",)
 
 # DICOM Modality tag -> AutoMedSAM modality (a hint only; the caller decides).
 _DICOM_MODALITY_HINT = {"CT": "ct", "MR": "mr", "CR": "xray", "DX": "xray", "ES": "endoscopy"}
-# DICOM objects that are not images to segment (our own DICOM-SEG output may sit beside the series).
-_NON_IMAGE_MODALITIES = {"SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "SR", "PR", "KO", "REG", "DOC"}
-_AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
-
-# Inputs with more voxels than this are refused from their header, before the data is read
-# (segmenting needs roughly 40 bytes per voxel with five classes: 2**28 voxels ~ 10 GiB).
-# ``max_voxels`` arguments, then $AUTOMEDSAM_MAX_VOXELS, then this; 0 means no limit.
-DEFAULT_MAX_VOXELS = 2 ** 28
 
 
-class InputError(ValueError):
-    """An input (or label) file that cannot be used; the message is one line naming the file."""
+
+from ..errors import InputError, input_error  # noqa: E402  (the one error type: automedsam.errors)
 
 
 @dataclass
@@ -109,6 +107,16 @@ class LoadedImage:
         return int(self.slices.shape[1]), int(self.slices.shape[2])
 
     @property
+    def voxel_ml(self) -> float | None:
+        """The volume of one voxel in ml, ``|det(affine)|`` (right under shear too); None for 2D."""
+        return voxel_volume_mm3(self.affine) / 1000.0 if self.is_volume else None
+
+    @property
+    def notes(self) -> list[str]:
+        """One line each about how the input was read (see :func:`load_image`), for the report."""
+        return list(self.meta.get("notes", []))
+
+    @property
     def native_shape(self) -> tuple[int, ...]:
         """Spatial shape of the array as the reader gives it (what ``labels_to_native`` returns)."""
         return tuple(self.meta["native_spatial_shape"])
@@ -133,9 +141,7 @@ def _suffix(path: str | os.PathLike) -> str:
     return Path(name).suffix
 
 
-def _fail(path, problem: str) -> InputError:
-    problem = " ".join(str(problem).split())  # one line
-    return InputError(f"{path}: {problem}")
+_fail = input_error  # "<path>: <problem>" on one line
 
 
 def _first_line(e: BaseException) -> str:
@@ -145,12 +151,10 @@ def _first_line(e: BaseException) -> str:
 
 
 def _is_dicom_file(path: Path) -> bool:
-    try:
-        import pydicom.misc
+    """DICOM by content (``DICM`` preamble or a raw header), whatever the name."""
+    from .dicom import is_dicom
 
-        return bool(pydicom.misc.is_dicom(str(path)))
-    except Exception:
-        return False
+    return is_dicom(path)
 
 
 def input_kind(path: str | os.PathLike) -> str:
@@ -158,8 +162,12 @@ def input_kind(path: str | os.PathLike) -> str:
     p = Path(path)
     if not p.exists():
         raise _fail(path, "no such file or folder")
-    if p.is_dir():
+    if p.is_dir() or p.name.upper() == "DICOMDIR":
         return "dicom_series"
+    if p.is_file() and p.stat().st_size == 0:
+        raise _fail(path, "empty file (0 bytes); nothing to read")
+    if _is_dicom_file(p):  # by content, whatever the name says
+        return "dicom_file"
     suffix = _suffix(p)
     if suffix in NIFTI_SUFFIXES:
         return "nifti"
@@ -169,7 +177,7 @@ def input_kind(path: str | os.PathLike) -> str:
         return "image2d"
     if suffix in NPZ_SUFFIXES:
         return "npz"
-    if suffix in DICOM_SUFFIXES or _is_dicom_file(p):
+    if suffix in DICOM_SUFFIXES:  # named DICOM but without its content: read, and refused naming the file
         return "dicom_file"
     raise _fail(path, f"unsupported file type '{suffix or '(no suffix)'}'; expected NIfTI (.nii/.nii.gz), a DICOM "
                       f"series folder or .dcm file, MHA/NRRD, PNG/JPG/BMP/TIFF or MedSAM .npz")
@@ -188,106 +196,6 @@ def content_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def max_voxels_limit(max_voxels: int | None = None) -> int:
-    """The voxel limit in force: ``max_voxels`` if given, else $AUTOMEDSAM_MAX_VOXELS, else
-    :data:`DEFAULT_MAX_VOXELS`; 0 means no limit."""
-    if max_voxels is None:
-        env = os.environ.get("AUTOMEDSAM_MAX_VOXELS", "").strip()
-        if env:
-            try:
-                max_voxels = int(float(env))
-            except ValueError:
-                raise ValueError(f"AUTOMEDSAM_MAX_VOXELS must be a whole number of voxels, got '{env}'") from None
-        else:
-            max_voxels = DEFAULT_MAX_VOXELS
-    try:
-        limit = int(max_voxels)
-    except (TypeError, ValueError):
-        raise ValueError(f"max_voxels must be a whole number of voxels (0: no limit), got {max_voxels!r}") from None
-    if limit < 0 or limit != float(max_voxels):
-        raise ValueError(f"max_voxels must be a whole number >= 0 (0: no limit), got {max_voxels!r}")
-    return limit
-
-
-class _PilNoBombLimit:
-    """PIL's own decompression-bomb refusal off for a moment: the voxel limit decides instead."""
-
-    def __enter__(self):
-        from PIL import Image
-
-        self._saved = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = None
-
-    def __exit__(self, *exc):
-        from PIL import Image
-
-        Image.MAX_IMAGE_PIXELS = self._saved
-        return False
-
-
-def header_voxels(path: str | os.PathLike, kind: str | None = None) -> tuple[int, tuple[int, ...]] | None:
-    """(voxel count, array shape) that a file's header promises, read without its pixel data.
-
-    NIfTI (nibabel header), MHA/NRRD (ITK ImageIO information), a DICOM file (Rows, Columns,
-    NumberOfFrames), 2D images (PIL's lazy open) and MedSAM ``.npz`` (the ``imgs`` member's
-    ``.npy`` header). None when the header cannot tell (the reader then reports the file).
-    DICOM series folders: see ``list_dicom_series`` (``voxels`` per series).
-    """
-    p = Path(path)
-    kind = kind or input_kind(p)
-    try:
-        if kind == "nifti":
-            import nibabel as nib
-
-            shape = tuple(int(v) for v in nib.load(str(p)).header.get_data_shape())
-        elif kind == "itk":
-            import itk
-
-            image_io = itk.ImageIOFactory.CreateImageIO(str(p), itk.CommonEnums.IOFileMode_ReadMode)
-            if image_io is None:
-                return None
-            image_io.SetFileName(str(p))
-            image_io.ReadImageInformation()
-            shape = tuple(int(image_io.GetDimensions(i)) for i in range(image_io.GetNumberOfDimensions()))
-        elif kind == "dicom_file":
-            import pydicom
-
-            ds = pydicom.dcmread(str(p), stop_before_pixels=True, specific_tags=["Rows", "Columns", "NumberOfFrames"])
-            frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-            shape = (int(ds.Columns), int(ds.Rows)) + ((frames,) if frames > 1 else ())
-        elif kind == "image2d":
-            from PIL import Image
-
-            with _PilNoBombLimit(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                with Image.open(p) as im:
-                    frames = int(getattr(im, "n_frames", 1) or 1)
-                    shape = (int(im.height), int(im.width)) + ((frames,) if frames > 1 else ())
-        elif kind == "npz":
-            import zipfile
-
-            with zipfile.ZipFile(p) as z:
-                if "imgs.npy" not in z.namelist():
-                    return None
-                with z.open("imgs.npy") as fh:
-                    version = np.lib.format.read_magic(fh)
-                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                        np.lib.format.read_array_header_2_0
-                    shape = tuple(int(v) for v in read(fh)[0])
-        else:
-            return None
-    except Exception:
-        return None
-    return int(np.prod(shape, dtype=np.int64)) if shape else 0, shape
-
-
-def _check_voxels(path, n: int, shape: tuple[int, ...] | None, limit: int) -> None:
-    if limit and n > limit:
-        dims = "x".join(str(v) for v in shape) + " = " if shape else ""
-        raise _fail(path, f"{dims}{n:,} voxels is over the limit of {limit:,} voxels; refused before reading the "
-                          f"data (raise it with --max_voxels N or $AUTOMEDSAM_MAX_VOXELS; 0 = no limit)")
 
 
 _LOADER = None
@@ -344,204 +252,16 @@ def _check_values(arr: np.ndarray, path, what: str = "image") -> None:
                               f"guess their values (fix or replace them in the file)")
 
 
-def _orient_codes(affine: np.ndarray) -> str:
-    import nibabel as nib
-
-    return "".join(nib.aff2axcodes(affine, labels=_AXIS_LABELS))
-
-
-def _orient(arr: np.ndarray, affine: np.ndarray, codes: str) -> tuple[np.ndarray, np.ndarray]:
-    """Flip/permute the three spatial axes of arr (X,Y,Z[,C]) to ``codes`` (MONAI Orientation)."""
-    import torch
-    from monai.data import MetaTensor
-    from monai.transforms import Orientation
-
-    chan = arr.ndim == 4
-    t = torch.as_tensor(np.ascontiguousarray(np.moveaxis(arr, -1, 0) if chan else arr[None]))
-    mt = MetaTensor(t, affine=torch.as_tensor(affine, dtype=torch.float64))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = Orientation(axcodes=codes, labels=_AXIS_LABELS)(mt)
-    res = out.as_tensor().numpy()
-    res = np.moveaxis(res, 0, -1) if chan else res[0]
-    return np.ascontiguousarray(res), out.affine.numpy().astype(np.float64)
-
-
-def _check_axcodes(codes: str) -> str:
-    codes = str(codes).upper()
-    axes = sorted(i for c in codes for i, pair in enumerate(_AXIS_LABELS) if c in pair)
-    if len(codes) != 3 or axes != [0, 1, 2]:
-        raise ValueError(f"orientation must be three axis codes such as 'LPS' or 'RAS', got '{codes}'")
-    return codes
-
-
-def _native_to_slices(arr: np.ndarray, meta: dict, oriented: bool = False) -> np.ndarray:
-    """Native array (raw layout; may carry a trailing channel axis) -> (N,H,W[,C]) slices.
-
-    ``oriented``: a volume is already turned to ``meta['orientation']['target']``."""
-    layout = meta["layout"]
-    if layout == "hw":  # 2D, natural orientation already
-        return arr[None]
-    if layout == "xy":  # 2D from ITK: (X,Y[,C]) -> (H=Y, W=X)
-        return np.swapaxes(arr, 0, 1)[None]
-    if layout == "zhw":  # MedSAM npz volume
-        return arr
-    if layout == "xyz":
-        orient = meta.get("orientation")
-        if orient and not oriented and orient["target"] != orient["native"]:
-            arr, _ = _orient(arr, np.asarray(meta["native_affine"]), orient["target"])
-        # (X,Y,Z[,C]) -> (Z,Y,X[,C]): slice k = vol[..., k].T
-        return np.swapaxes(np.moveaxis(arr, 2, 0), 1, 2)
-    raise ValueError(f"unknown layout {layout}")
-
-
-def _slices_to_native(label_slices: np.ndarray, meta: dict) -> np.ndarray:
-    layout = meta["layout"]
-    shape = tuple(meta["native_spatial_shape"])
-    if layout == "hw":
-        out = label_slices[0]
-    elif layout == "xy":
-        out = label_slices[0].T
-    elif layout == "zhw":
-        out = label_slices
-    elif layout == "xyz":
-        out = np.swapaxes(label_slices, 1, 2)  # (Z,X,Y)
-        out = np.moveaxis(out, 0, 2)  # (X,Y,Z)
-        orient = meta.get("orientation")
-        if orient and orient["target"] != orient["native"]:
-            out, back = _orient(out, np.asarray(meta["oriented_affine"]), orient["native"])
-    else:
-        raise ValueError(f"unknown layout {layout}")
-    return np.ascontiguousarray(out.reshape(shape))
-
-
-def _affine_spacing(affine: np.ndarray) -> tuple[float, float, float]:
-    sp = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
-    return tuple(float(s) for s in sp)
-
-
 # --------------------------------------------------------------------------------------------
 # DICOM
 
 
 def list_dicom_series(folder: str | os.PathLike) -> list[dict]:
-    """Image series directly in a folder: [{uid, modality, description, files, ...}], largest first.
+    """Image series of a folder (or of the DICOMDIR in it), found by content and grouped from the
+    headers (empty UIDs too): see :func:`automedsam.data.dicom.scan_folder`. Largest first."""
+    from .dicom import list_dicom_series as _list
 
-    Non-DICOM files and non-image objects (SEG, RTSTRUCT, SR, ...) are skipped.
-    """
-    import pydicom
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise _fail(folder, "not a folder")
-    series: dict[str, dict] = {}
-    tags = ["SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID", "SOPInstanceUID", "SOPClassUID",
-            "Modality", "SeriesDescription", "SeriesNumber", "Rows", "Columns", "NumberOfFrames"]
-    for f in sorted(folder.iterdir()):
-        if not f.is_file():
-            continue
-        try:
-            ds = pydicom.dcmread(str(f), stop_before_pixels=True, specific_tags=tags)
-        except Exception:
-            continue  # not DICOM (or unreadable): GDCM skips it too
-        uid = str(getattr(ds, "SeriesInstanceUID", "") or "")
-        modality = str(getattr(ds, "Modality", "") or "")
-        if not uid or modality.upper() in _NON_IMAGE_MODALITIES or "Rows" not in ds:
-            continue
-        s = series.setdefault(uid, {
-            "uid": uid, "modality": modality, "description": str(getattr(ds, "SeriesDescription", "") or ""),
-            "study_uid": str(getattr(ds, "StudyInstanceUID", "") or ""),
-            "frame_of_reference_uid": str(getattr(ds, "FrameOfReferenceUID", "") or ""),
-            "sop_class_uid": str(getattr(ds, "SOPClassUID", "") or ""), "files": [], "sop_instance_uids": {},
-            "voxels": 0,
-        })
-        s["files"].append(str(f))
-        s["voxels"] += _dicom_voxels(ds)
-        s["sop_instance_uids"][str(f)] = str(getattr(ds, "SOPInstanceUID", "") or "")
-    return sorted(series.values(), key=lambda s: -len(s["files"]))
-
-
-def _dicom_voxels(ds) -> int:
-    """Pixels a DICOM header promises (Rows x Columns x NumberOfFrames)."""
-    try:
-        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-        return int(ds.Rows) * int(ds.Columns) * max(1, frames)
-    except Exception:
-        return 0
-
-
-def _describe_series(series: list[dict]) -> str:
-    return "; ".join(f"{s['uid']} ({s['modality'] or '?'} '{s['description']}', {len(s['files'])} files)"
-                     for s in series)
-
-
-def _gdcm_identifier(folder: Path, files: list[str]) -> tuple[str, list[str]]:
-    """The GDCM series identifier MONAI's ITKReader would use for exactly these files, and the
-    files in GDCM's order (by slice position along the normal)."""
-    import itk
-
-    gen = itk.GDCMSeriesFileNames.New()
-    gen.SetUseSeriesDetails(True)
-    gen.AddSeriesRestriction("0008|0021")  # as MONAI's ITKReader does
-    gen.SetDirectory(str(folder))
-    wanted = {os.path.realpath(f) for f in files}
-    matches = []
-    for ident in gen.GetSeriesUIDs():
-        names = [str(n) for n in gen.GetFileNames(ident)]
-        real = {os.path.realpath(n) for n in names}
-        if real & wanted:
-            matches.append((ident, names, real))
-    if len(matches) != 1 or matches[0][2] != wanted:
-        raise _fail(folder, f"DICOM series has {len(wanted)} files that do not form one volume "
-                            f"(GDCM splits them into {len(matches)} groups: differing size, orientation or date)")
-    return matches[0][0], matches[0][1]
-
-
-def _load_dicom_series(folder: Path, series_uid: str | None, max_voxels: int = 0) -> tuple[np.ndarray, dict, dict]:
-    from monai.data import ITKReader
-
-    series = list_dicom_series(folder)
-    if not series:
-        subdirs = [d.name for d in folder.iterdir() if d.is_dir()][:5]
-        hint = f" (it has sub-folders: {', '.join(subdirs)}; give the series folder itself)" if subdirs else ""
-        raise _fail(folder, f"no DICOM image files in this folder{hint}")
-    if series_uid is None:
-        if len(series) > 1:
-            raise _fail(folder, f"folder holds {len(series)} DICOM series: {_describe_series(series)}; "
-                                f"choose one with series_uid=UID (automedsam segment --series_uid UID, or "
-                                f"--series_uid all for each in turn)")
-        chosen = series[0]
-    else:
-        found = [s for s in series if s["uid"] == series_uid]
-        if not found:
-            raise _fail(folder, f"no DICOM series with uid {series_uid}; found: {_describe_series(series)}")
-        chosen = found[0]
-    _check_voxels(folder, chosen["voxels"], None, max_voxels)
-    ident, ordered = _gdcm_identifier(folder, chosen["files"])
-    arr, meta = _load(folder, ITKReader(series_name=ident))
-    uids = {os.path.realpath(k): v for k, v in chosen["sop_instance_uids"].items()}
-    dicom = {
-        "series_uid": chosen["uid"], "study_uid": chosen["study_uid"],
-        "frame_of_reference_uid": chosen["frame_of_reference_uid"], "sop_class_uid": chosen["sop_class_uid"],
-        "modality": chosen["modality"], "description": chosen["description"],
-        "files": ordered,  # slice order: files[k] is the voxel plane vol[..., k] of the native array
-        "sop_instance_uids": [uids[os.path.realpath(f)] for f in ordered],
-    }
-    return arr, meta, dicom
-
-
-def _dicom_file_info(path: Path) -> dict:
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
-    except Exception as e:
-        raise _fail(path, f"not a readable DICOM file ({_first_line(e)})") from e
-    get = lambda k: str(getattr(ds, k, "") or "")  # noqa: E731
-    return {"series_uid": get("SeriesInstanceUID"), "study_uid": get("StudyInstanceUID"),
-            "frame_of_reference_uid": get("FrameOfReferenceUID"), "sop_class_uid": get("SOPClassUID"),
-            "modality": get("Modality"), "description": get("SeriesDescription"), "files": [str(path)],
-            "sop_instance_uids": [get("SOPInstanceUID")]}
+    return _list(folder)
 
 
 # --------------------------------------------------------------------------------------------
@@ -549,7 +269,8 @@ def _dicom_file_info(path: Path) -> dict:
 
 
 def _read_native(path: Path, kind: str, series_uid: str | None = None, label: bool = False,
-                 npz_key: str | None = None, max_voxels: int = 0) -> tuple[np.ndarray, dict, dict | None, str]:
+                 npz_key: str | None = None, max_voxels: int = 0,
+                 allow_gaps: bool = False) -> tuple[np.ndarray, dict, dict | None, str]:
     """(native array, MONAI meta, dicom info or None, reader name). Raises InputError."""
     from monai.data import ITKReader, NibabelReader, NumpyReader, PILReader
 
@@ -562,10 +283,15 @@ def _read_native(path: Path, kind: str, series_uid: str | None = None, label: bo
             reader = ITKReader()
             arr, meta = _load(path, reader)
         elif kind == "dicom_series":
-            reader = ITKReader()
-            arr, meta, dicom = _load_dicom_series(path, series_uid, max_voxels)
+            from .dicom_series import DicomSeriesReader
+
+            reader = DicomSeriesReader(series_uid=series_uid, allow_gaps=allow_gaps, max_voxels=max_voxels)
+            arr, meta = _load(path, reader)
+            dicom = meta.pop("dicom")
         elif kind == "dicom_file":
-            dicom = _dicom_file_info(path)
+            from .dicom import single_file_info
+
+            dicom = single_file_info(path)
             reader = ITKReader()
             arr, meta = _load(path, reader)
         elif kind == "image2d":
@@ -597,7 +323,7 @@ def _read_native(path: Path, kind: str, series_uid: str | None = None, label: bo
 
 
 def load_image(path: str | os.PathLike, series_uid: str | None = None, orientation: str | None = "LPS",
-               max_voxels: int | None = None) -> LoadedImage:
+               max_voxels: int | None = None, allow_gaps: bool = False) -> LoadedImage:
     """Read an image or volume (see the module doc for the kinds) into a :class:`LoadedImage`.
 
     Args:
@@ -607,6 +333,13 @@ def load_image(path: str | os.PathLike, series_uid: str | None = None, orientati
             radiological view); ``None`` keeps the file's voxel order.
         max_voxels: refuse inputs whose header promises more voxels than this, before their data
             is read (None: $AUTOMEDSAM_MAX_VOXELS or :data:`DEFAULT_MAX_VOXELS`; 0: no limit).
+        allow_gaps: a DICOM series whose slice positions are unevenly spaced (a missing slice) is
+            refused unless this is True; then it is put on a uniform grid, the missing planes
+            interpolated (``meta["notes"]`` says so).
+
+    ``meta["notes"]``: one line each about how the input was read (DICOM files grouped without
+    UIDs, UIDs generated, duplicate slices dropped, gaps filled, a header's voxel size assumed),
+    for the report.
 
     Raises:
         InputError: missing path, unreadable/truncated/non-image file, 1D or 4D arrays, several
@@ -615,13 +348,16 @@ def load_image(path: str | os.PathLike, series_uid: str | None = None, orientati
     """
     p = Path(path)
     kind = input_kind(p)
+    if kind == "dicom_series" and p.is_file():  # a DICOMDIR: its folder
+        p = p.parent
     limit = max_voxels_limit(max_voxels)
     promised = None
     if limit and kind != "dicom_series":  # a series is counted from its files' headers when chosen
         promised = header_voxels(p, kind)
         if promised is not None:
             _check_voxels(p, promised[0], promised[1], limit)
-    arr, rmeta, dicom, reader_name = _read_native(p, kind, series_uid, max_voxels=limit)
+    arr, rmeta, dicom, reader_name = _read_native(p, kind, series_uid, max_voxels=limit, allow_gaps=allow_gaps)
+    notes: list[str] = list((dicom or {}).get("notes", []))
     if promised is None and kind != "dicom_series":  # a header that could not tell: count what was read
         _check_voxels(p, int(arr.size), tuple(arr.shape), limit)
     original_shape = tuple(int(s) for s in arr.shape)
@@ -648,6 +384,9 @@ def load_image(path: str | os.PathLike, series_uid: str | None = None, orientati
             a = np.eye(4)
             a[:2, :2], a[:2, 3] = affine[:2, :2], affine[:2, 2]
             affine = a
+        if kind == "nifti":
+            notes += nifti_geometry_notes(p, affine, arr.ndim)
+        _check_affine(p, affine)
         spacing = _affine_spacing(affine)
         n_spatial = arr.ndim - (1 if has_channel else 0)
         if n_spatial == 1:
@@ -706,6 +445,7 @@ def load_image(path: str | os.PathLike, series_uid: str | None = None, orientati
         "oriented_affine": oriented_affine,
         "intensity_range": (lo, hi),
         "filename_or_obj": str(p),
+        "notes": notes,
     }
     if kind == "image2d":
         meta["pil_mode"] = rmeta.get("mode")
