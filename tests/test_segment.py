@@ -406,7 +406,7 @@ def test_help_lists_the_options(tmp_path):
     proc = subprocess.run(automedsam_cmd() + ["segment", "--help"], capture_output=True, text=True, cwd=tmp_path,
                           env={**os.environ, "PAGER": "cat"}, timeout=120)
     assert proc.returncode == 0
-    text = proc.stdout + proc.stderr  # fire prints help to stderr when not on a terminal
+    text = proc.stdout + proc.stderr
     for flag in ("--output", "--classes", "--modality", "--box", "--point", "--uncertainty", "--overwrite"):
         assert flag in text
 
@@ -419,7 +419,7 @@ def test_parse_corrections():
 
     (b,) = parse_box("liver:10,20,30,40,5")
     assert (b.class_name, b.values, b.slice) == ("liver", (10, 20, 30, 40), 5)
-    (b,) = parse_box((1, 2, 3, 4))  # what fire makes of --box 1,2,3,4
+    (b,) = parse_box((1, 2, 3, 4))  # the Python API takes numbers too
     assert b.class_name is None and b.slice is None
     p = parse_points("5,6,1;polyp:7,8,2,0")
     assert [(q.values, q.slice, q.label, q.class_name) for q in p] == [((5, 6), None, 1, None),
@@ -430,11 +430,12 @@ def test_parse_corrections():
         parse_points("1,2,7")
 
 
-def test_repeated_flags_are_merged():
-    from automedsam.cli import _merge_repeated
+def test_repeated_flags_are_kept():
+    from automedsam.cli import _parse, build_parser
 
-    argv = ["a.png", "--point", "1,2,1", "--output", "o", "--point=3,4,0", "--box", "1,2,3,4"]
-    assert _merge_repeated(argv) == ["a.png", "--point", "1,2,1;3,4,0", "--output", "o", "--box", "1,2,3,4"]
+    ns = _parse(build_parser()["segment"], ["a.png", "--point", "1,2,1", "--output", "o", "--point=3,4,0",
+                                            "--box", "1,2,3,4"])
+    assert ns.point == ["1,2,1", "3,4,0"] and ns.box == ["1,2,3,4"] and ns.inputs == ["a.png"]
 
 
 def test_modality_guess(data_root, tmp_path):
@@ -486,7 +487,7 @@ def _no_outputs(out: Path) -> bool:
 def test_every_kind_of_bad_input_one_line_each_and_nothing_written(data_root, tmp_path):
     """One call over every bad input of the reliability list: each gets one error line naming
     the file and the problem; the exit status is non-zero; no output is written (the model is
-    never even loaded)."""
+    loaded once, before the first input is read: tests/test_cli.py has the full matrix)."""
     from test_data_io import write_nifti_header_only
 
     d = tmp_path / "bad"
@@ -527,7 +528,7 @@ def test_every_kind_of_bad_input_one_line_each_and_nothing_written(data_root, tm
     assert len(errs) == len(expected), proc.stderr
     for err, (name, problem) in zip(errs, expected.items()):
         assert f"{d / name}:" in err and problem in err, (name, err)
-    assert f"{len(expected)} of {len(expected)} inputs failed" in proc.stderr
+    assert f"all {len(expected)} inputs failed; nothing was segmented" in proc.stderr
     assert not out.exists() or not any(out.iterdir())
 
 

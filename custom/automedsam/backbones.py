@@ -24,8 +24,25 @@ IMAGE_SIZE = {"lite_medsam": 256, "medsam_vit_b": 1024}
 LOW_RES_SIZE = 256  # the mask decoder's output side for both backbones
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, unreadable, unsafe or does not fit the model."""
+from .errors import CheckpointError  # noqa: E402,F401  (a missing, unreadable, unsafe or unfitting checkpoint)
+
+
+def _why_unreadable(e: Exception) -> str:
+    """What torch.load's refusal means, without its advice to load with ``weights_only=False``
+    (that would run whatever code the file holds)."""
+    text = str(e)
+    if "Unsupported global" in text:
+        glob = text.split("Unsupported global:", 1)[1].split(" was not", 1)[0].strip()
+        return f"it holds Python objects, not only tensors ({glob}); refused, since loading them could run code"
+    if "zip archive" in text or "central directory" in text:
+        return "truncated or corrupt (its zip archive cannot be read)"
+    if "WeightsUnpickler error" in text:
+        detail = " ".join(text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0].split())
+    else:
+        detail = text.strip().splitlines()[0] if text.strip() else ""
+    if not detail or "weights_only" in detail:
+        detail = type(e).__name__
+    return f"not a PyTorch weights file (unpickling failed: {detail})"
 
 
 def load_state_dict_file(path: str | os.PathLike, what: str = "checkpoint") -> dict:
@@ -41,8 +58,7 @@ def load_state_dict_file(path: str | os.PathLike, what: str = "checkpoint") -> d
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, truncated zip, refused globals
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read {what} {path}: not a safe PyTorch weights file ({first})") from e
+        raise CheckpointError(f"cannot read {what} {path}: {_why_unreadable(e)}") from e
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):

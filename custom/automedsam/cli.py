@@ -1,193 +1,324 @@
-"""The ``automedsam`` command (fire): ``automedsam segment ...``, ``automedsam cache ...``,
-``automedsam demo``.
+"""The ``automedsam`` command: ``automedsam segment ...``, ``automedsam cache ...``, ``automedsam demo``
+(also ``python -m automedsam ...``).
 
-Commands return None and end with the right exit status (0 only on success); errors are one
-line on stderr, ``automedsam: error: ...``.
+The whole command line is parsed and checked (argparse, then
+:func:`automedsam.options.segment_options`) before any work: a mistyped option, a bad value or a
+file name starting with ``-`` is refused with one line and exit status 2, and nothing is read or
+written. Errors are one line on stderr, ``automedsam: error: ...``; exit status 0 only on success,
+1 when some inputs failed, 2 for a problem of the run, 130 on Ctrl-C.
 """
 
 from __future__ import annotations
 
+import argparse
+import difflib
+import json
+import logging
 import sys
+import warnings
+from collections.abc import Callable, Sequence
+
+from .errors import AutoMedSAMError, one_line
+
+PROG = "automedsam"
+
+SEGMENT_HELP = """\
+Segment images or volumes by class name.
+
+INPUT: a NIfTI file, a DICOM series folder, a 2D image (PNG/JPG/BMP/TIFF), a MedSAM .npz, or a
+folder of such files (each segmented in turn, the model loaded once; a bad file is reported and
+skipped, and the exit status is then 1). A file name starting with '-' is written ./-name.
+
+Outputs in DIR, named after each input's stem: <stem>_seg.nii.gz (volumes; uint8 label map on the
+input's voxel grid and affine) or <stem>_seg.png (2D), <stem>_overlay.png, <stem>_report.json,
+<stem>_seg.dcm (DICOM-SEG, DICOM input), <stem>_uncertainty.nii.gz/.png (--uncertainty). Files
+this tool wrote are never taken as inputs, so DIR may be the input folder. Label ids: 1 liver,
+2 spleen, 3 kidney_left, 4 kidney_right, 5 pancreas, 6 brain_tumor, 7 polyp, 8 lungs.
+
+Every option is checked before any work. Bad input (a missing, truncated or unreadable file, a 1D
+or 4D array, a constant image, NaN/Inf voxels, values far outside any modality's range, more
+voxels than --max_voxels) is refused with one line naming the file; nothing is written for it,
+and every output is written under a temporary name and renamed into place.
+
+Corrections name their class with a prefix when --classes lists several, e.g.
+  --box liver:40,30,90,80,12 --point liver:60,55,12,1   (column, row, slice, label)
+"""
 
 
-def cache(datalist, base_dir=None, cache_dir="cache", backbone="lite_medsam", checkpoint=None, max_cases=None,
-          slice_step=1, only_labelled_slices=False, split="training", batch_size=4, rank=None, world_size=None,
-          device=None):
-    """Encode every slice of a datalist once into the embedding cache (resumable).
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``automedsam: error: ...``, exit status 2)."""
 
-    Example: automedsam cache --datalist kvasir,brats --cache-dir cache --split training
-    """
-    from .data.cache import build_cache
-
-    return build_cache(datalist, base_dir=base_dir, cache_dir=cache_dir, backbone=backbone, checkpoint=checkpoint,
-                       max_cases=max_cases, slice_step=slice_step, only_labelled_slices=only_labelled_slices,
-                       split=split, batch_size=batch_size, rank=rank, world_size=world_size, device=device)
+    def error(self, message):  # noqa: D401 - argparse's hook
+        raise _UsageError(f"{message} (see: {self.prog} --help)")
 
 
-def segment(*inputs, output=None, classes=None, modality=None, device="cpu", weights=None, bundle=None,
-            largest_component=False, uncertainty=0, box=None, point=None, overwrite=False, quiet=False,
-            threshold=0.5, batch_size=None, max_voxels=None, series_uid=None):
-    """Segment images or volumes by class name.
+class _UsageError(Exception):
+    pass
 
-    automedsam segment INPUT [INPUT ...] --output DIR [--classes liver,spleen] [--modality ct|mr|endoscopy|xray]
-                       [--device cpu|cuda] [--largest_component] [--uncertainty N] [--box ...] [--point ...]
-                       [--overwrite] [--quiet] [--max_voxels N] [--series_uid UID|all]
 
-    INPUT: a NIfTI file, a DICOM series folder, a 2D image (PNG/JPG/BMP/TIFF), a MedSAM .npz, or a
-    folder of such files (each segmented in turn, the model loaded once; a bad file is reported
-    and skipped, and the exit status is then non-zero).
+def _add(p: argparse.ArgumentParser, name: str, **kw) -> None:
+    """An option spelt ``--max_voxels``, also accepted as ``--max-voxels`` (as fire accepted it)."""
+    flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+    p.add_argument(*flags, dest=name, **kw)
 
-    Outputs in DIR, named after each input's stem: <stem>_seg.nii.gz (volumes; uint8 label map on
-    the input's voxel grid and affine) or <stem>_seg.png (2D), <stem>_overlay.png,
-    <stem>_report.json, <stem>_seg.dcm (DICOM-SEG, DICOM input), <stem>_uncertainty.nii.gz/.png
-    (--uncertainty). Label ids: 1 liver, 2 spleen, 3 kidney_left, 4 kidney_right, 5 pancreas,
-    6 brain_tumor, 7 polyp, 8 lungs.
 
-    Bad input (a missing, truncated or unreadable file, a 1D or 4D array, a constant or all-zero
-    image, NaN/Inf voxels, more voxels than --max_voxels) is refused with one line naming the file;
-    NaN/Inf voxels are never guessed: replace them in the file. Nothing is written for a refused
-    input, and every output is written under a temporary name and renamed into place.
+def _num_views(text: str):
+    from .data.cache import parse_num_views
 
-    Corrections name their class with a prefix when --classes lists several, e.g.
-    --box liver:40,30,90,80,12 --point liver:60,55,12,1 (column, row, slice, label).
-
-    Args:
-        inputs: files or folders to segment.
-        output: the output folder (created if needed).
-        classes: comma-separated class names (default: all classes of the modality); unknown
-            names are refused, classes not expected in the modality give a warning.
-        modality: ct, mr, endoscopy or xray. Default - guessed from the DICOM Modality tag or from
-            the values (HU-like volumes are ct, z-scored float or positive-only volumes mr, colour
-            2D images endoscopy, grey 2D images xray).
-        device: cpu, cuda or cuda:N.
-        weights: AutoMedSAM weights file (default: the bundle's models/model.pt).
-        bundle: bundle folder (default: $AUTOMEDSAM_BUNDLE or bundles/automedsam).
-        largest_component: keep only the largest connected 3D component per class (lungs: two).
-        uncertainty: N noise draws; writes the per-pixel spread (max over classes).
-        box: correct one class with a box, "x0,y0,x1,y1[,slice]" in the input's pixels (column x,
-            row y, and for volumes the slice number k as stored, which is then required). The class
-            is the one --classes names, or a class-name prefix (see above), or the modality's only
-            class. One box per class; one input.
-        point: correct one class with points, "x,y[,slice],label" (label 1 = object, 0 =
-            background), class as for --box; repeat --point or separate points with ";". All
-            corrections of a class must be on one slice.
-        overwrite: replace existing outputs (otherwise an error, and nothing is written).
-        quiet: no progress bar and no per-input summary (warnings and errors still show).
-        threshold: foreground probability threshold (0.5).
-        batch_size: slices per image-encoder call (default 4 on CPU, 16 on CUDA).
-        max_voxels: refuse inputs with more voxels than this, checked from the file's header
-            before its data is read (default $AUTOMEDSAM_MAX_VOXELS or 268435456 = 2**28; 0: no
-            limit).
-        series_uid: a DICOM folder holding several series is refused, listing them; name the one
-            to segment with its SeriesInstanceUID, or give "all" to segment each in turn.
-    """
-    import warnings
-
-    from .backbones import CheckpointError
-    from .data.io import InputError
-    from .segment import SegmentError, segment as run_segment
-
-    def warn(msg):
-        print(f"automedsam: warning: {msg}", file=sys.stderr, flush=True)
-
-    def on_result(entry):
-        if entry["ok"]:
-            if not quiet:
-                outs = entry["outputs"]
-                rep = entry["report"] or {}
-                found = ", ".join(rep.get("classes_found") or []) or "no class found"
-                print(f"{entry['input']}: {rep.get('modality')}, {found} -> {outs.get('seg')}", file=sys.stderr,
-                      flush=True)
-        else:
-            print(f"automedsam: error: {entry['error']}", file=sys.stderr, flush=True)
-
-    flat = []
-    for i in inputs:  # fire turns "a,b.png" into a tuple and "123" into an int
-        flat.append(",".join(str(x) for x in i) if isinstance(i, (tuple, list)) else str(i))
-    if not flat:
-        _fail("no INPUT given (automedsam segment INPUT [INPUT ...] --output DIR)")
-    if output is None or output is True:
-        _fail("no output folder given (--output DIR)")
-    if isinstance(classes, (tuple, list)):
-        classes = ",".join(str(c) for c in classes)
-    elif classes is not None:
-        classes = str(classes)
-    if isinstance(output, (tuple, list)):
-        output = ",".join(str(x) for x in output)
-    if series_uid is not None:
-        series_uid = str(series_uid)
-    if max_voxels is not None and (isinstance(max_voxels, bool) or not isinstance(max_voxels, (int, float))):
-        _fail(f"--max_voxels must be a whole number of voxels (0: no limit), got {max_voxels!r}")
-    import logging
-
-    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)  # GPU DICOM decoder absent
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*timm.*")
-            warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
-            results = run_segment(flat, str(output), classes=classes, modality=modality, device=str(device),
-                                  weights=weights, bundle=bundle, largest_component=bool(largest_component),
-                                  uncertainty=int(uncertainty or 0), box=box, point=point,
-                                  overwrite=bool(overwrite), progress=not quiet, threshold=float(threshold),
-                                  batch_size=batch_size, on_error="skip", warn=warn, on_result=on_result,
-                                  max_voxels=max_voxels, series_uid=series_uid)
-    except (SegmentError, InputError, CheckpointError, ValueError, OSError) as e:
-        _fail(" ".join(str(e).split()) or type(e).__name__)
-    except KeyboardInterrupt:
-        print("automedsam: interrupted", file=sys.stderr)
-        sys.exit(130)
-    failed = [r for r in results if not r["ok"]]
-    if failed:
-        if len(results) > 1:
-            print(f"automedsam: {len(failed)} of {len(results)} inputs failed and were skipped; the others were "
-                  f"segmented", file=sys.stderr)
-        sys.exit(1)
-    return None
+        return parse_num_views(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _fail(message: str, code: int = 2):
-    print(f"automedsam: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(code)
+def _whole(what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a whole number, got {text!r}") from None
+        if v != int(v):
+            raise argparse.ArgumentTypeError(f"{what} must be a whole number, got {text!r}")
+        return int(v)
+
+    return parse
 
 
-# flags that may be given more than once; fire keeps only the last, so they are merged first
-_REPEATABLE = ("--point", "--box")
+def build_parser() -> dict[str, _Parser]:
+    """{command: its parser}; ``""`` is the top-level parser (for ``automedsam --help``)."""
+    top = _Parser(prog=PROG, description="AutoMedSAM: class-prompted MedSAM segmentation.",
+                  formatter_class=argparse.RawDescriptionHelpFormatter,
+                  epilog="commands:\n  segment   segment images or volumes by class name\n"
+                         "  cache     encode a datalist's slices once into the embedding cache\n"
+                         "  demo      segment one sample per domain with the shipped weights\n\n"
+                         f"`{PROG} COMMAND --help` lists each command's options.")
+    top.add_argument("command", choices=("segment", "cache", "demo"), metavar="COMMAND")
+
+    seg = _Parser(prog=f"{PROG} segment", description=SEGMENT_HELP, allow_abbrev=False,
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    seg.add_argument("inputs", nargs="*", metavar="INPUT", help="files or folders to segment")
+    _add(seg, "output", metavar="DIR", help="the output folder (created if needed)")
+    _add(seg, "classes", metavar="NAMES", help="comma-separated class names or ids (default: every class of the "
+                                               "modality); unknown names are refused, classes not expected in the "
+                                               "modality give a warning")
+    _add(seg, "modality", metavar="ct|mr|endoscopy|xray",
+         help="default: the DICOM Modality tag, else guessed from the values (HU-like volumes ct, z-scored float "
+              "or positive-only volumes mr, colour 2D images endoscopy, grey ones xray)")
+    _add(seg, "device", default="cpu", metavar="cpu|cuda|cuda:N", help="where the model runs (default cpu)")
+    _add(seg, "weights", metavar="FILE", help="AutoMedSAM weights (default: the bundle's models/model.pt)")
+    _add(seg, "bundle", metavar="DIR", help="bundle folder (default: $AUTOMEDSAM_BUNDLE or bundles/automedsam)")
+    _add(seg, "largest_component", action="store_true",
+         help="keep only the largest connected 3D component per class (lungs: two)")
+    _add(seg, "uncertainty", default="0", metavar="N",
+         help="N noise draws (2..32); writes the per-pixel spread (max over classes)")
+    _add(seg, "box", action="append", metavar="[CLASS:]X0,Y0,X1,Y1[,SLICE]",
+         help="correct one class with a box in the input's pixels (column x, row y; for volumes the slice as "
+              "stored, then required); one per class; one input")
+    _add(seg, "point", action="append", metavar="[CLASS:]X,Y[,SLICE],LABEL",
+         help="correct one class with a point (label 1 object, 0 background); repeat, or separate with ';'; all "
+              "corrections of a class on one slice")
+    _add(seg, "overwrite", action="store_true", help="replace existing outputs (otherwise refused, nothing written)")
+    _add(seg, "quiet", action="store_true", help="no progress bar and no per-input summary")
+    _add(seg, "threshold", default="0.5", metavar="P", help="foreground probability threshold (0.5)")
+    _add(seg, "batch_size", metavar="N", help="slices per image-encoder call (default 4 on CPU, 16 on CUDA)")
+    _add(seg, "max_voxels", metavar="N",
+         help="refuse inputs with more voxels than this, from the file's header before its data is read (default "
+              "$AUTOMEDSAM_MAX_VOXELS or 268435456 = 2**28; 0: no limit)")
+    _add(seg, "series_uid", metavar="UID|all",
+         help="a DICOM folder holding several series is refused, listing them: name the one to segment, or "
+              "'all' for each in turn")
+    _add(seg, "allow_gaps", action="store_true", help="go on with a DICOM series that misses slices (flagged in "
+                                                      "the report) instead of refusing it")
+
+    cache = _Parser(prog=f"{PROG} cache", allow_abbrev=False,
+                    description="Encode every slice of a datalist once into the embedding cache (resumable).",
+                    epilog=f"example: {PROG} cache --datalist kvasir,brats --cache_dir cache --split training")
+    cache.add_argument("datalist_pos", nargs="?", metavar="DATALIST", help="as --datalist")
+    _add(cache, "datalist", metavar="NAMES", help="datalist names or JSON files, comma-separated")
+    _add(cache, "base_dir", metavar="DIR", help="data folder (default: $AUTOMEDSAM_DATA or ../shared/data)")
+    _add(cache, "cache_dir", default="cache", metavar="DIR", help="where the cache lives (default cache)")
+    _add(cache, "backbone", default="lite_medsam", help="lite_medsam (default) or medsam_vit_b")
+    _add(cache, "checkpoint", metavar="FILE", help="backbone checkpoint (default: the package's)")
+    _add(cache, "max_cases", type=_whole("--max_cases"), metavar="N", help="only the first N cases of each split")
+    _add(cache, "slice_step", type=_whole("--slice_step"), default=1, metavar="K", help="every K-th slice")
+    _add(cache, "only_labelled_slices", action="store_true", help="skip slices without a class")
+    _add(cache, "split", default="training", help="training, validation, test, unlabelled, comma-separated, or all")
+    _add(cache, "num_views", type=_num_views, default=1, metavar="K",
+         help="views per slice: 1 (default) the plain slice; K adds K-1 augmented views; or per dataset, "
+              "e.g. totalseg=32,kvasir=12,default=4")
+    _add(cache, "all_labelled_slices", action="store_true", help="with --slice_step: keep every slice holding a "
+                                                                 "class too")
+    _add(cache, "batch_size", type=_whole("--batch_size"), default=4, metavar="N", help="slices per encoder call")
+    _add(cache, "rank", type=_whole("--rank"), metavar="R", help="this process's share (default: torch.distributed)")
+    _add(cache, "world_size", type=_whole("--world_size"), metavar="W", help="number of processes sharing")
+    _add(cache, "device", help="where the encoder runs (default: cuda:$LOCAL_RANK when there, else cpu)")
+
+    demo = _Parser(prog=f"{PROG} demo", allow_abbrev=False,
+                   description="Segment one case per domain with the shipped weights (the real data when it is "
+                               "there, else a generated sample, and say which).")
+    _add(demo, "output", default="outputs/demo", metavar="DIR", help="output folder (default outputs/demo)")
+    _add(demo, "data_dir", metavar="DIR", help="the real data (default: $AUTOMEDSAM_DATA or ../shared/data)")
+    _add(demo, "device", default="cpu", help="cpu, cuda or cuda:N")
+    _add(demo, "overwrite", action=argparse.BooleanOptionalAction, default=True,
+         help="replace earlier demo outputs (default: yes)")
+    _add(demo, "quiet", action="store_true", help="no progress bars")
+    return {"": top, "segment": seg, "cache": cache, "demo": demo}
 
 
-def _merge_repeated(argv: list[str]) -> list[str]:
-    out: list[str] = []
-    merged: dict[str, int] = {}
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        flag = next((f for f in _REPEATABLE if a == f or a.startswith(f + "=")), None)
-        if flag is None:
-            out.append(a)
-            i += 1
+_BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def _bool_values(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """``--overwrite=true`` / ``--quiet=False`` (which fire took) -> the bare flag, or nothing."""
+    flags = {s for a in parser._actions if isinstance(a, argparse._StoreTrueAction) for s in a.option_strings}
+    out = []
+    for a in argv:
+        name, eq, value = a.partition("=")
+        if eq and name in flags and value.lower() in _BOOL_WORDS:
+            if _BOOL_WORDS[value.lower()]:
+                out.append(name)
             continue
-        if a == flag:
-            value = argv[i + 1] if i + 1 < len(argv) else ""
-            i += 2
-        else:
-            value = a[len(flag) + 1:]
-            i += 1
-        if flag in merged:
-            out[merged[flag]] += ";" + value
-        else:
-            out.append(flag)
-            out.append(value)
-            merged[flag] = len(out) - 1
+        out.append(a)
     return out
 
 
-def main(argv: list[str] | None = None):
-    import fire
+def _parse(parser: _Parser, argv: list[str]) -> argparse.Namespace:
+    """Parse intermixed options and inputs; anything unknown is refused, naming it."""
+    ns, extra = parser.parse_known_intermixed_args(_bool_values(argv, parser))
+    if extra:
+        bad = extra[0]
+        known = [s for a in parser._actions for s in a.option_strings]
+        if bad.startswith("--"):
+            near = difflib.get_close_matches(bad.split("=")[0], known, n=1)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            raise _UsageError(f"unknown option {bad}{hint} (see: {parser.prog} --help)")
+        if bad.startswith("-"):
+            raise _UsageError(f"unknown option {bad}; a file name starting with '-' must be written ./{bad} "
+                              f"(see: {parser.prog} --help)")
+        raise _UsageError(f"unexpected argument {bad!r} (see: {parser.prog} --help)")
+    return ns
 
-    args = _merge_repeated(list(sys.argv[1:] if argv is None else argv))
-    from .demo import demo
 
-    fire.Fire({"segment": segment, "cache": cache, "demo": demo}, command=args, name="automedsam")
+# --------------------------------------------------------------------------------------------
+# the commands
+
+
+def _err(message: str) -> None:
+    print(f"{PROG}: error: {one_line(message)}", file=sys.stderr, flush=True)
+
+
+def run_segment(ns: argparse.Namespace) -> int:
+    from .options import segment_options
+    from .segment import segment
+
+    if not ns.inputs:
+        raise _UsageError(f"no INPUT given ({PROG} segment INPUT [INPUT ...] --output DIR)")
+    if not ns.output:
+        raise _UsageError("no output folder given (--output DIR)")
+    opts = segment_options(classes=ns.classes, modality=ns.modality, device=ns.device, weights=ns.weights,
+                           bundle=ns.bundle, largest_component=ns.largest_component, uncertainty=ns.uncertainty,
+                           box=ns.box, point=ns.point, overwrite=ns.overwrite, progress=not ns.quiet,
+                           threshold=ns.threshold, batch_size=ns.batch_size, max_voxels=ns.max_voxels,
+                           series_uid=ns.series_uid, allow_gaps=ns.allow_gaps)
+
+    def warn(msg):
+        print(f"{PROG}: warning: {one_line(msg)}", file=sys.stderr, flush=True)
+
+    def on_result(entry):
+        if not entry["ok"]:
+            _err(entry["error"])
+        elif not ns.quiet:
+            rep = entry["report"] or {}
+            found = ", ".join(rep.get("classes_found") or []) or "no class found"
+            print(f"{entry['input']}: {rep.get('modality')}, {found} -> {entry['outputs'].get('seg')}",
+                  file=sys.stderr, flush=True)
+
+    results = segment(ns.inputs, ns.output, options=opts, on_error="skip", warn=warn, on_result=on_result)
+    failed = sum(not r["ok"] for r in results)
+    if failed and len(results) > 1:
+        if failed == len(results):
+            print(f"{PROG}: all {failed} inputs failed; nothing was segmented", file=sys.stderr)
+        else:
+            print(f"{PROG}: {failed} of {len(results)} inputs failed and were skipped; the other "
+                  f"{len(results) - failed} were segmented", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def run_cache(ns: argparse.Namespace) -> int:
+    from .data.cache import build_cache
+
+    if ns.datalist and ns.datalist_pos and ns.datalist != ns.datalist_pos:
+        raise _UsageError(f"two datalists given ({ns.datalist_pos!r} and --datalist {ns.datalist!r})")
+    datalist = ns.datalist or ns.datalist_pos
+    if not datalist:
+        raise _UsageError("no datalist given (--datalist NAMES)")
+    from .data.cache import CacheError
+    from .errors import RunError
+
+    try:
+        stats = build_cache(datalist, base_dir=ns.base_dir, cache_dir=ns.cache_dir, backbone=ns.backbone,
+                            checkpoint=ns.checkpoint, max_cases=ns.max_cases, slice_step=ns.slice_step,
+                            only_labelled_slices=ns.only_labelled_slices, split=ns.split, batch_size=ns.batch_size,
+                            rank=ns.rank, world_size=ns.world_size, device=ns.device, num_views=ns.num_views,
+                            all_labelled_slices=ns.all_labelled_slices)
+    except CacheError as e:
+        raise RunError(e) from None
+    print(json.dumps(stats, default=str))
+    return 0
+
+
+def run_demo(ns: argparse.Namespace) -> int:
+    from .demo import demo  # demo imports segment, never cli
+
+    demo(output=ns.output, data_dir=ns.data_dir, device=ns.device, overwrite=ns.overwrite, quiet=ns.quiet)
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"segment": run_segment, "cache": run_cache,
+                                                            "demo": run_demo}
+
+
+def _quiet_third_party() -> None:
+    """Warnings of libraries that say nothing to a user of this command (every command)."""
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)  # GPU DICOM decoder absent
+    warnings.filterwarnings("ignore", message=".*timm.*")  # timm's deprecated import paths, used by MedSAM
+    warnings.filterwarnings("ignore", message=".*NvImgCodec.*")
+    warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status (the console script exits with it)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    parsers = build_parser()
+    try:
+        if not args or args[0] in ("-h", "--help"):
+            parsers[""].print_help()
+            return 0 if args else 2
+        command = args[0]
+        if command not in COMMANDS:
+            near = difflib.get_close_matches(command, list(COMMANDS), n=1)
+            raise _UsageError(f"unknown command {command!r}" + (f" (did you mean {near[0]}?)" if near else "")
+                              + f"; commands: {', '.join(COMMANDS)}")
+        if any(a in ("-h", "--help") for a in args[1:]):
+            parsers[command].print_help()
+            return 0
+        ns = _parse(parsers[command], args[1:])
+        with warnings.catch_warnings():
+            _quiet_third_party()
+            return COMMANDS[command](ns)
+    except _UsageError as e:
+        _err(str(e))
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
+        return 130
+    except AutoMedSAMError as e:
+        _err(str(e))
+        return 2
+    except (ValueError, OSError) as e:  # e.g. a datalist or cache folder the cache command cannot use
+        _err(one_line(e))
+        return 2
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

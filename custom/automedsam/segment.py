@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import sys
 import tempfile
 import time
 import warnings
@@ -42,9 +41,15 @@ import numpy as np
 from .classes import CLASSES, MODALITY_CLASSES, check_modality, class_id, classes_not_fitting, parse_classes
 from .data.io import (DICOM_SUFFIXES, IMAGE_2D_SUFFIXES, NPZ_SUFFIXES, VOLUME_SUFFIXES, InputError, LoadedImage,
                       list_dicom_series, load_image)
+from .errors import CheckpointError, RunError, SegmentError, one_line
+from .modality import guess_modality
+from .options import (Correction, SegmentOptions, check_batch_size, check_threshold, check_uncertainty, class_ids,
+                      parse_box, parse_points, segment_options)
 
 __all__ = [
     "segment",
+    "segment_options",
+    "SegmentOptions",
     "Segmenter",
     "SegmentationResult",
     "SegmentError",
@@ -69,10 +74,6 @@ OUTPUT_KINDS = {
 }
 UNCERTAINTY_PNG_SCALE = 510.0  # PNG value = std * 510 (a probability's std is at most 0.5)
 _INPUT_SUFFIXES = IMAGE_2D_SUFFIXES + VOLUME_SUFFIXES + NPZ_SUFFIXES
-
-
-class SegmentError(ValueError):
-    """A run-level problem (bad option, outputs in the way, no inputs); one-line message."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,7 +108,9 @@ def _safe_stem(text: str) -> str:
 
 
 def _may_hold_dicom(folder: Path) -> bool:
-    """A cheap look: does the folder have files that could be DICOM (no known image suffix)?"""
+    """A cheap look: does the folder have files that could be DICOM (no known image suffix)? Only a
+    pre-filter: :func:`list_dicom_series` then decides by content (preamble or header), with
+    empty UIDs, odd names (``CT.<uid>``) and a DICOMDIR too."""
     for f in folder.iterdir():
         if f.is_file() and not f.name.startswith("."):
             low = f.name.lower()
@@ -163,7 +166,9 @@ def resolve_inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike],
     for raw in inputs:
         p = Path(str(raw))
         if not p.is_dir():
-            items.append(InputItem(p, _safe_stem(_strip_suffix(p.name))))
+            # a DICOMDIR stands for the series it lists: named after its folder
+            name = p.resolve().parent.name if p.name.upper() == "DICOMDIR" else _strip_suffix(p.name)
+            items.append(InputItem(p, _safe_stem(name)))
             continue
         if _may_hold_dicom(p) and list_dicom_series(p):
             items.extend(_series_items(p, series_uid, wanted))
@@ -252,117 +257,8 @@ def check_output_dir(output_dir: str | os.PathLike) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
-# modality
-
-
-def guess_modality(loaded: LoadedImage) -> tuple[str, str]:
-    """(modality, how it was decided) from the DICOM Modality tag or the image's values.
-
-    Volumes with HU-like values (minimum <= -500, air near -1000) are CT; z-scored float
-    volumes (non-integer values) and positive-only volumes are MR; colour 2D images are
-    endoscopy, grey ones X-ray. Raises :class:`InputError` asking for ``--modality`` otherwise.
-    """
-    if loaded.modality_hint:
-        return loaded.modality_hint, f"DICOM Modality tag ({loaded.meta.get('dicom', {}).get('modality', '?')})"
-    s = loaded.slices
-    if not loaded.is_volume:
-        if s.shape[-1] == 3:
-            sample = s[0, ::4, ::4]
-            if float(np.abs(sample - sample[..., :1]).max()) > 2.0 * max(1e-6, float(np.ptp(sample))) / 255:
-                return "endoscopy", "colour 2D image"
-        return "xray", "grey 2D image"
-    lo, hi = (float(v) for v in loaded.meta.get("intensity_range", (s.min(), s.max())))
-    native_dtype = str(loaded.meta.get("native_dtype", s.dtype))
-    sample = s[:: max(1, s.shape[0] // 8), ::4, ::4].ravel()
-    integral = native_dtype.startswith(("int", "uint")) or bool(np.all(sample == np.round(sample)))
-    if lo <= -500 and hi > 0:
-        return "ct", f"HU-like values ({lo:g}..{hi:g})"
-    if not integral and lo < 0:
-        return "mr", f"z-scored float values ({lo:.3g}..{hi:.3g})"
-    if lo >= 0 and not (native_dtype == "uint8" or (integral and hi <= 255)):
-        return "mr", f"positive-only values ({lo:g}..{hi:g})"
-    raise _input_error(loaded.path, f"cannot guess the modality from the values ({native_dtype}, {lo:g}..{hi:g}); "
-                                    f"give it with --modality ct|mr|endoscopy|xray")
-
-
-def _input_error(path, problem: str) -> InputError:
-    return InputError(f"{path}: {' '.join(str(problem).split())}")
-
-
-# --------------------------------------------------------------------------------------------
-# interactive corrections
-
-
-@dataclass
-class Correction:
-    """A user box or point prompt in the input's pixel coordinates."""
-
-    kind: str  # "box" | "point"
-    values: tuple[float, ...]  # box: x0,y0,x1,y1 ; point: x,y
-    slice: int | None = None
-    label: int = 1  # points: 1 foreground, 0 background
-    class_name: str | None = None
-
-
-def _split_specs(spec) -> list:
-    if spec is None or spec == "" or spec == []:
-        return []
-    if isinstance(spec, str):
-        return [s.strip() for s in spec.split(";") if s.strip()]
-    if isinstance(spec, (list,)) or (isinstance(spec, tuple) and spec and not isinstance(spec[0], (int, float))):
-        out = []
-        for s in spec:
-            out.extend(_split_specs(s))
-        return out
-    return [spec]  # a tuple of numbers
-
-
-def _numbers_and_class(item, what: str) -> tuple[str | None, list[float]]:
-    cls = None
-    if isinstance(item, str):
-        text = item.strip()
-        if ":" in text:
-            cls, text = text.split(":", 1)
-            cls = cls.strip()
-        parts = [t for t in re.split(r"[,\s]+", text.strip("()[] ")) if t]
-        try:
-            nums = [float(t) for t in parts]
-        except ValueError:
-            raise SegmentError(f"bad {what} '{item}': expected numbers separated by commas") from None
-    else:
-        try:
-            nums = [float(t) for t in item]
-        except (TypeError, ValueError):
-            raise SegmentError(f"bad {what} {item!r}: expected numbers separated by commas") from None
-    return cls, nums
-
-
-def parse_box(spec) -> list[Correction]:
-    """``[class:]x0,y0,x1,y1[,slice]`` (several separated by ';', or a list) -> corrections."""
-    out = []
-    for item in _split_specs(spec):
-        cls, n = _numbers_and_class(item, "--box")
-        if len(n) not in (4, 5):
-            raise SegmentError(f"bad --box {item!r}: expected x0,y0,x1,y1[,slice] (4 or 5 numbers), got {len(n)}")
-        x0, y0, x1, y1 = n[:4]
-        if x1 < x0 or y1 < y0:
-            raise SegmentError(f"bad --box {item!r}: need x0 <= x1 and y0 <= y1")
-        out.append(Correction("box", (x0, y0, x1, y1), int(n[4]) if len(n) == 5 else None, 1, cls))
-    return out
-
-
-def parse_points(spec) -> list[Correction]:
-    """``[class:]x,y[,slice],label`` (label 1 foreground, 0 background; several separated by ';')."""
-    out = []
-    for item in _split_specs(spec):
-        cls, n = _numbers_and_class(item, "--point")
-        if len(n) not in (3, 4):
-            raise SegmentError(f"bad --point {item!r}: expected x,y[,slice],label (3 or 4 numbers), got {len(n)}")
-        label = n[-1]
-        if label not in (0, 1):
-            raise SegmentError(f"bad --point {item!r}: the last number is the label, 1 (object) or 0 (background)")
-        out.append(Correction("point", (n[0], n[1]), int(n[2]) if len(n) == 4 else None, int(label), cls))
-    return out
+# modality: automedsam.modality (guess_modality); corrections: automedsam.options (Correction,
+# parse_box, parse_points), parsed once with the other options
 
 
 class SliceMapper:
@@ -601,12 +497,8 @@ class Segmenter:
         self.weights = Path(weights) if weights else None
         self.bundle = Path(bundle) if bundle else None
         self.device = str(device)
-        self.batch_size = int(batch_size) if batch_size else (16 if self.device.startswith("cuda") else 4)
-        if self.batch_size < 1:
-            raise SegmentError(f"batch_size must be >= 1, got {batch_size}")
-        if not 0 < float(threshold) < 1:
-            raise SegmentError(f"threshold must be between 0 and 1, got {threshold}")
-        self.threshold = float(threshold)
+        self.batch_size = check_batch_size(batch_size) or (16 if self.device.startswith("cuda") else 4)
+        self.threshold = check_threshold(threshold)
         self.progress = progress
         self._warn = warn or (lambda m: warnings.warn(m, stacklevel=3))
         self.load_seconds = 0.0
@@ -615,17 +507,32 @@ class Segmenter:
     # ---- the model -----------------------------------------------------------------------
     @property
     def network(self):
-        """The network, loaded on first use."""
+        """The network, loaded on first use (:meth:`load`)."""
         if self._network is None:
-            import torch
+            self.load()
+        return self._network
 
+    def load(self):
+        """Load the network now (once); any failure is a :class:`~automedsam.errors.RunError`
+        (a :class:`~automedsam.errors.CheckpointError` for the weights) of one line."""
+        if self._network is None:
+            from .options import check_device
             from .pretrained import default_bundle_dir, load_pretrained
 
-            if self.device.startswith("cuda") and not torch.cuda.is_available():
-                raise SegmentError(f"device '{self.device}' asked for but CUDA is not available here; use --device cpu")
+            check_device(self.device)
             t = time.perf_counter()
             bundle = self.bundle or default_bundle_dir()
-            self._network = load_pretrained(bundle, self.weights, device=self.device)
+            if self.weights is not None:  # an unreadable or unsafe file is refused before the network is built
+                from .backbones import load_state_dict_file
+
+                load_state_dict_file(self.weights, "AutoMedSAM weights")
+            try:
+                self._network = load_pretrained(bundle, self.weights, device=self.device)
+            except RunError:
+                raise
+            except Exception as e:  # a bundle config, a device, memory: the run cannot go on
+                raise RunError(f"cannot load the model (bundle {bundle}, device {self.device}): "
+                               f"{type(e).__name__}: {one_line(e)}") from e
             self.load_seconds = time.perf_counter() - t
             if self.weights is None:
                 from .pretrained import WEIGHTS_NAME
@@ -639,24 +546,23 @@ class Segmenter:
             return dict(self._info)
         net = self.network
         bb = getattr(net, "backbone", None)
-        try:
-            from importlib.metadata import version
+        from .bundle import model_versions
+        from .pretrained import default_bundle_dir
 
-            pkg_version = version("automedsam")
-        except Exception:
-            pkg_version = None
         try:
             device = str(next(net.parameters()).device)
         except (StopIteration, AttributeError):
             device = self.device
+        # version: the bundle's (metadata.json) and the weights' full sha256, to trace a result
+        # to the model that made it; the package version only beside them
+        versions = model_versions(self.bundle or default_bundle_dir(), self.weights)
         self._info = {
             "name": "AutoMedSAM",
-            "version": pkg_version,
+            **versions,
             "backbone": getattr(bb, "name", None),
             "backbone_checkpoint": getattr(bb, "checkpoint", None),
             "image_size": getattr(net, "image_size", None),
             "weights": str(self.weights) if self.weights else None,
-            "weights_sha256": _file_sha(self.weights) if self.weights else None,
             "device": device,
             "threshold": self.threshold,
             "batch_size": self.batch_size,
@@ -667,7 +573,7 @@ class Segmenter:
     def segment_file(self, path: str | os.PathLike, classes=None, modality: str | None = None,
                      largest_component: bool = False, uncertainty: int = 0, box=None, point=None,
                      series_uid: str | None = None, stem: str | None = None,
-                     max_voxels: int | None = None) -> SegmentationResult:
+                     max_voxels: int | None = None, allow_gaps: bool = False) -> SegmentationResult:
         """Segment one file (or DICOM series folder) and return arrays; nothing is written.
 
         Args:
@@ -683,9 +589,10 @@ class Segmenter:
             series_uid: which series of a DICOM folder holding several.
             max_voxels: refuse larger inputs from their header (see
                 :func:`~automedsam.data.io.load_image`).
+            allow_gaps: go on with a DICOM series that misses slices (see load_image).
         """
         t0 = time.perf_counter()
-        loaded = load_image(path, series_uid=series_uid, max_voxels=max_voxels)
+        loaded = load_image(path, series_uid=series_uid, max_voxels=max_voxels, allow_gaps=allow_gaps)
         t_load = time.perf_counter() - t0
         return self.segment_loaded(loaded, classes=classes, modality=modality, largest_component=largest_component,
                                    uncertainty=uncertainty, box=box, point=point, stem=stem,
@@ -703,12 +610,10 @@ class Segmenter:
 
         timings = dict(_timings or {})
         messages: list[str] = []
+        # the same checks as segment_options (a no-op for options already checked there)
         corrections = parse_box(box) + parse_points(point)
-        uncertainty = int(uncertainty or 0)
-        if uncertainty < 0:
-            raise SegmentError(f"uncertainty must be >= 0 noise draws, got {uncertainty}")
-        if uncertainty == 1:
-            raise SegmentError("uncertainty needs at least 2 noise draws (a spread of one draw is 0)")
+        uncertainty = check_uncertainty(uncertainty)
+        asked = class_ids(classes)
 
         # modality and classes
         if modality:
@@ -718,19 +623,11 @@ class Segmenter:
                 raise SegmentError(str(e)) from None
         else:
             modality, modality_source = guess_modality(loaded)
-        try:
-            ids = parse_classes(classes, modality)
-        except ValueError as e:
-            raise SegmentError(str(e)) from None
+        ids = parse_classes(asked, modality)
         default_class = ids[0] if len(ids) == 1 else None
-        if classes in (None, "", "all") and len(MODALITY_CLASSES[modality]) == 1:
-            default_class = ids[0]
         for c in corrections:
             if c.class_name:
-                try:
-                    cid = class_id(c.class_name)
-                except ValueError as e:
-                    raise SegmentError(str(e)) from None
+                cid = class_id(c.class_name)
                 if cid not in ids:
                     ids.append(cid)
         prompts = _corrections_to_prompts(corrections, loaded, default_class) if corrections else None
@@ -782,7 +679,8 @@ class Segmenter:
         if maps.spread is not None:
             spread = maps.spread.max(0).values.numpy().astype(np.float32)
         stats = class_statistics(labels, ids, maps.iou.numpy(), maps.presence.numpy(), spacing=loaded.spacing,
-                                 is_volume=loaded.is_volume, native_slice=mapper.native_slice, flags=flags)
+                                 is_volume=loaded.is_volume, native_slice=mapper.native_slice, flags=flags,
+                                 voxel_ml=loaded.voxel_ml)
         timings["postprocess_s"] = time.perf_counter() - t
         for name, st in stats.items():
             if "class not found" in st["flags"]:
@@ -803,6 +701,7 @@ class Segmenter:
             "shape": list(loaded.native_shape),
             "slices": loaded.num_slices,
             "spacing_mm": [float(s) for s in loaded.spacing] if loaded.is_volume else None,
+            "input_notes": loaded.notes,  # how the input was read: DICOM grouping, generated UIDs, gaps, ...
             "classes": stats,
             "largest_component": bool(largest_component),
             "uncertainty_draws": uncertainty,
@@ -916,6 +815,31 @@ class Segmenter:
 # the one-call API
 
 
+def _own_outputs(items: list[InputItem]) -> tuple[list[InputItem], list[Path]]:
+    """(inputs, skipped): files this tool wrote - named ``<stem><suffix>`` for a suffix of
+    OUTPUT_KINDS, with ``<stem>_report.json`` beside them (that lists them, when it lists outputs)
+    - are never inputs, so an output folder that is also the input folder is safe to re-run."""
+    import json
+
+    keep, skipped = [], []
+    for it in items:
+        p, name = it.path, it.path.name
+        suffix = next((s for s in OUTPUT_KINDS.values() if name.endswith(s) and len(name) > len(s)), None)
+        report = p.parent / f"{name[: len(name) - len(suffix)]}{OUTPUT_KINDS['report']}" if suffix else None
+        if report is None or not p.is_file() or not report.is_file():
+            keep.append(it)
+            continue
+        try:
+            listed = json.loads(report.read_text()).get("outputs")
+        except (OSError, ValueError, AttributeError):
+            listed = None
+        if isinstance(listed, dict) and not any(Path(str(v)).name == name for v in listed.values()):
+            keep.append(it)  # a report of another tool, or one that does not know this file
+            continue
+        skipped.append(p)
+    return keep, skipped
+
+
 def segment(inputs: str | os.PathLike | Iterable[str | os.PathLike], output_dir: str | os.PathLike,
             classes=None, modality: str | None = None, device: str = "cpu", weights: str | os.PathLike | None = None,
             bundle: str | os.PathLike | None = None, largest_component: bool = False, uncertainty: int = 0,
@@ -923,107 +847,86 @@ def segment(inputs: str | os.PathLike | Iterable[str | os.PathLike], output_dir:
             batch_size: int | None = None, network=None, on_error: str = "raise",
             warn: Callable[[str], None] | None = None,
             on_result: Callable[[dict], None] | None = None, max_voxels: int | None = None,
-            series_uid: str | None = None) -> list[dict]:
+            series_uid: str | None = None, allow_gaps: bool = False,
+            options: SegmentOptions | None = None) -> list[dict]:
     """Segment files, DICOM series folders or folders of them; write the outputs to ``output_dir``.
 
-    The network is loaded once for all inputs. Returns one dict per input:
+    The options (keywords, or one :class:`~automedsam.options.SegmentOptions` as ``options``,
+    which then replaces them) are checked first (:func:`~automedsam.options.segment_options`);
+    then the output folder, the inputs' names and existing outputs; then the network is loaded,
+    once; only then is the first input read. Returns one dict per input:
     ``{"input", "stem", "ok", "error", "outputs": {kind: path}, "report"}``.
 
-    Run-level problems (unknown class or modality, outputs already there without
-    ``overwrite``, an output folder that cannot be written, corrections with several inputs,
-    missing weights) raise :class:`SegmentError` (or ``CheckpointError``) before anything is
-    written. A bad input raises :class:`~automedsam.data.io.InputError` with
-    ``on_error="raise"``; with ``on_error="skip"`` its dict has ``ok=False`` and the one-line
-    ``error``, and the other inputs go on.
+    Run-level problems (an option, outputs already there without ``overwrite``, an output folder
+    that cannot be written, corrections with several inputs, the weights, the device) raise
+    :class:`~automedsam.errors.RunError` (``SegmentError``; ``CheckpointError`` for weights), one
+    line, before any input is read and before anything is written. A bad input raises
+    :class:`~automedsam.errors.InputError` with ``on_error="raise"``; with ``on_error="skip"`` its
+    dict has ``ok=False`` and the one-line ``error``, and the other inputs go on.
 
     ``max_voxels``: inputs whose header promises more voxels are refused before their data is
     read (None: $AUTOMEDSAM_MAX_VOXELS or ``DEFAULT_MAX_VOXELS``; 0: no limit). ``series_uid``:
     a DICOM folder holding several series is refused, listing them, unless this names one of
-    them or is ``"all"`` (each series in turn).
+    them or is ``"all"`` (each series in turn). ``allow_gaps``: go on with a DICOM series that
+    misses slices (passed to the loader). Files this tool wrote (``<stem>_seg.png`` ... with
+    ``<stem>_report.json`` beside them) are never taken as inputs.
     """
-    from .data.io import max_voxels_limit
-
     if on_error not in ("raise", "skip"):
         raise SegmentError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    try:
-        max_voxels = max_voxels_limit(max_voxels)
-    except ValueError as e:
-        raise SegmentError(str(e)) from None
-    if classes not in (None, "", "all"):
-        try:
-            parse_classes(classes)
-        except ValueError as e:
-            raise SegmentError(str(e)) from None
-    if modality:
-        try:
-            modality = check_modality(modality)
-        except ValueError as e:
-            raise SegmentError(str(e)) from None
-    corrections = parse_box(box) + parse_points(point)
-    for c in corrections:
-        if c.class_name:
-            try:
-                class_id(c.class_name)
-            except ValueError as e:
-                raise SegmentError(str(e)) from None
+    opts = options if options is not None else segment_options(
+        classes=classes, modality=modality, device=device, weights=weights, bundle=bundle,
+        largest_component=largest_component, uncertainty=uncertainty, box=box, point=point, overwrite=overwrite,
+        progress=progress, threshold=threshold, batch_size=batch_size, max_voxels=max_voxels,
+        series_uid=series_uid, allow_gaps=allow_gaps)
     if output_dir is None or str(output_dir) == "":
         raise SegmentError("no output folder given (--output DIR)")
     out = check_output_dir(output_dir)
-    items, notes = resolve_inputs(inputs, exclude=out, series_uid=series_uid)
+    items, notes = resolve_inputs(inputs, exclude=out, series_uid=opts.series_uid)
+    items, own = _own_outputs(items)
+    if own:
+        notes.append(f"skipped {len(own)} file(s) this tool wrote (each has its report beside it), not inputs: "
+                     + ", ".join(p.name for p in own[:3]) + (" ..." if len(own) > 3 else ""))
     emit = warn or (lambda m: warnings.warn(m, stacklevel=2))
     for n in notes:
         emit(n)
     if not items:
         raise SegmentError("no inputs to segment" + (f" ({'; '.join(notes)})" if notes else ""))
-    if corrections and len(items) > 1:
+    if opts.corrections and len(items) > 1:
         raise SegmentError(f"--box/--point refer to one image's pixels: give exactly one input (got {len(items)})")
-    if not overwrite:
+    if not opts.overwrite:
         clash = [p for it in items for p in _existing_outputs(out, it.stem)]
         if clash:
             more = f" and {len(clash) - 3} more" if len(clash) > 3 else ""
             raise SegmentError(f"outputs already exist: {', '.join(str(p) for p in clash[:3])}{more} "
                                f"(use --overwrite to replace them)")
 
-    segmenter = Segmenter(network=network, weights=weights, bundle=bundle, device=device, batch_size=batch_size,
-                          threshold=threshold, progress=progress, warn=warn)
+    segmenter = Segmenter(network=network, weights=opts.weights, bundle=opts.bundle, device=opts.device,
+                          batch_size=opts.batch_size, threshold=opts.threshold, progress=opts.progress, warn=warn)
+    segmenter.load()  # weights and device are the run's: refused here, once, before any input is read
     results = []
     for it in items:
         entry: dict[str, Any] = {"input": it.label, "stem": it.stem, "ok": False, "error": None, "outputs": {},
                                  "report": None}
         try:
             loaded_t = time.perf_counter()
-            loaded = load_image(it.path, series_uid=it.series_uid, max_voxels=max_voxels)
+            loaded = load_image(it.path, series_uid=it.series_uid, max_voxels=opts.max_voxels,
+                                allow_gaps=opts.allow_gaps)
             read_s = time.perf_counter() - loaded_t
-            if modality is None:
-                guess_modality(loaded)  # fail on this input before the model is loaded
-            res = segmenter.segment_loaded(loaded, classes=classes, modality=modality,
-                                           largest_component=largest_component, uncertainty=uncertainty, box=box,
-                                           point=point, stem=it.stem, _timings={"read_s": read_s})
-            entry["outputs"] = segmenter.write(res, out, overwrite=overwrite)
+            res = segmenter.segment_loaded(loaded, classes=opts.classes, modality=opts.modality,
+                                           largest_component=opts.largest_component, uncertainty=opts.uncertainty,
+                                           box=list(opts.corrections), stem=it.stem, _timings={"read_s": read_s})
+            entry["outputs"] = segmenter.write(res, out, overwrite=opts.overwrite)
             entry["report"] = res.report
             entry["ok"] = True
         except InputError as e:
             if on_error == "raise":
                 raise
-            entry["error"] = " ".join(str(e).split())
+            entry["error"] = one_line(e)
         except Exception as e:
-            # run-level problems (weights, device, options) stop everything
-            from .backbones import CheckpointError
-
-            if isinstance(e, (SegmentError, CheckpointError)) or on_error == "raise":
+            if isinstance(e, RunError) or on_error == "raise":  # the run's problems stop everything
                 raise
-            entry["error"] = f"{it.label}: {type(e).__name__}: {' '.join(str(e).split())}"
+            entry["error"] = f"{it.label}: {type(e).__name__}: {one_line(e)}"
         results.append(entry)
         if on_result is not None:
             on_result(entry)
     return results
-
-
-def _main_guard():  # pragma: no cover - for `python -m automedsam.segment`
-    from .cli import main
-
-    sys.exit(main())
-
-
-if __name__ == "__main__":  # pragma: no cover
-    _main_guard()
