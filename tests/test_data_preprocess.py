@@ -121,6 +121,8 @@ def test_config_key():
     assert PreprocessConfig("endoscopy").key() == PreprocessConfig("endoscopy", ct_level=50).key()
     assert PreprocessConfig("MRI").modality == "mr"
     with pytest.raises(ValueError):
-        PreprocessConfig("ultrasound")
+        PreprocessConfig("sonar")
+    # ultrasound is a modality by the vocabulary file alone (min-max, like the other 2D ones)
+    assert PreprocessConfig("US").key().endswith("ultrasound-minmax-s256")
     with pytest.raises(AttributeError):
         a.size = 3  # frozen

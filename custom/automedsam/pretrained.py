@@ -25,6 +25,16 @@ def default_bundle_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "bundles" / "automedsam"
 
 
+def use_vocabulary(bundle_dir: str | os.PathLike) -> None:
+    """Make the bundle's classes file (``configs/classes.json``) the vocabulary, when it has one
+    and it is not the one loaded already (see :func:`automedsam.classes.load_vocabulary`)."""
+    from . import classes
+
+    path = Path(bundle_dir) / "configs" / classes.VOCABULARY_FILE
+    if path.is_file() and (classes.VOCABULARY_PATH is None or path.resolve() != classes.VOCABULARY_PATH.resolve()):
+        classes.load_vocabulary(path)
+
+
 def network_from_bundle(bundle_dir: str | os.PathLike | None = None, config: str = "inference.yaml",
                         **overrides):
     """Instantiate the bundle's ``network_def`` (with ``network_def#...`` overrides)."""
@@ -34,6 +44,7 @@ def network_from_bundle(bundle_dir: str | os.PathLike | None = None, config: str
     cfg = bundle / "configs" / config
     if not cfg.is_file():
         raise FileNotFoundError(f"bundle config not found: {cfg}")
+    use_vocabulary(bundle)
     parser = ConfigParser()
     parser.read_config(str(cfg))
     parser["bundle_root"] = str(bundle)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..classes import check_modality
+from ..classes import MODALITY_NORMALISATION, check_modality
 
 __all__ = [
     "PREPROCESS_VERSION",
@@ -32,6 +32,7 @@ __all__ = [
     "PreprocessConfig",
     "InputGeometry",
     "normalise",
+    "normalisation_of",
     "to_backbone_input",
     "low_res_to_original",
     "mask_to_input",
@@ -68,10 +69,11 @@ class PreprocessConfig:
 
     def key(self) -> str:
         """A short string that changes whenever the preprocessing output would change."""
-        if self.modality == "ct":
-            mapping = f"ct{self.ct_level:g}_{self.ct_width:g}"
-        elif self.modality == "mr":
-            mapping = f"mr{self.mr_lower:g}_{self.mr_upper:g}"
+        method = normalisation_of(self.modality)
+        if method == "window":
+            mapping = f"{self.modality}{self.ct_level:g}_{self.ct_width:g}"
+        elif method == "percentile":
+            mapping = f"{self.modality}{self.mr_lower:g}_{self.mr_upper:g}"
         else:
             mapping = f"{self.modality}-minmax"
         return f"v{PREPROCESS_VERSION}-{mapping}-s{int(self.size)}"
@@ -105,6 +107,15 @@ class InputGeometry:
         return cls(int(height), int(width), int(round(height * scale)), int(round(width * scale)), int(size))
 
 
+def normalisation_of(modality: str | None) -> str:
+    """How a modality's intensities map to [0, 1], from the vocabulary's classes file:
+    ``window`` (level/width, CT), ``percentile`` (of non-zero voxels, MR) or ``minmax`` (2D
+    endoscopy, X-ray, ultrasound; also a generic image, ``modality`` None)."""
+    if modality is None:
+        return "minmax"
+    return MODALITY_NORMALISATION[check_modality(modality)]["normalise"]
+
+
 def normalise(slices: np.ndarray, modality: str | None, *, ct_level: float = 40.0, ct_width: float = 400.0,
               mr_lower: float = 0.5, mr_upper: float = 99.5, per_slice: bool = True) -> np.ndarray:
     """(N,H,W,C) or (H,W[,C]) raw intensities -> float32 (N,H,W,3) (or (H,W,3)) in [0, 1].
@@ -124,11 +135,11 @@ def normalise(slices: np.ndarray, modality: str | None, *, ct_level: float = 40.
         single = False
     if x.ndim != 4 or x.shape[-1] not in (1, 3):
         raise ValueError(f"normalise expects (N,H,W,C) slices with C in (1,3), got {np.shape(slices)}")
-    mod = check_modality(modality) if modality is not None else None
-    if mod == "ct":
+    method = normalisation_of(modality)
+    if method == "window":
         lo, hi = ct_level - ct_width / 2.0, ct_level + ct_width / 2.0
         x = np.asarray(ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True, dtype=np.float32)(x))
-    elif mod == "mr":
+    elif method == "percentile":
         nonzero = x[x != 0]
         if nonzero.size == 0:
             x = np.zeros_like(x)
@@ -141,7 +152,7 @@ def normalise(slices: np.ndarray, modality: str | None, *, ct_level: float = 40.
             else:
                 x = (x > lo).astype(np.float32)
             x[zero] = 0.0
-    else:  # endoscopy, xray, generic 2D: min-max over the whole image
+    else:  # minmax (endoscopy, xray, ultrasound, generic 2D): over the whole image
         lo, hi = float(x.min()), float(x.max())
         x = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
     if per_slice:  # MedSAM scales every slice to [0, 1] on its own
