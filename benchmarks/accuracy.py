@@ -37,6 +37,7 @@ from automedsam.engine import slice_dice, slice_nsd
 from automedsam.pretrained import load_pretrained
 
 RESULTS = Path(__file__).resolve().parent / "results"
+VOLUME_DATASETS = ("brats", "totalseg")  # scored per volume by summarise
 
 
 def jitter_box(box: np.ndarray, frac: float, rng: np.random.Generator) -> np.ndarray:
@@ -115,14 +116,16 @@ def evaluate(models: dict, cache_dir: str, datalists: str | list = "kvasir,shenz
             "counts": ds.counts()}
 
 
-def summarise(store: dict, empty: dict, entries: dict, slice_step: int) -> dict:
+def summarise(store: dict, empty: dict, entries: dict, slice_step: int,
+              volumes: tuple[str, ...] = VOLUME_DATASETS) -> dict:
     """Per "dataset/class": mean Dice and NSD where the class is present (per image for 2D sets,
-    per volume for 3D sets) and the empty-answer rate where it is absent.
+    per volume for the datasets in ``volumes``) and the empty-answer rate where it is absent.
 
     Args:
         store: {(dataset, case, class id): {slice index: (pred mask, gt mask)}}.
         empty: {(dataset, class id): [1.0 if the answer was empty else 0.0, ...]}.
         entries: datalist entries by case (for volume spacing).
+        volumes: datasets scored per volume (3D Dice/NSD over the slices); others per image.
     """
     rows = defaultdict(lambda: {"dice": [], "nsd": [], "cases": {}})
     for (dataset, case, cid), slices in sorted(store.items()):
@@ -132,7 +135,7 @@ def summarise(store: dict, empty: dict, entries: dict, slice_step: int) -> dict:
         p = np.stack([slices[k][0] for k in ks])
         g = np.stack([slices[k][1] for k in ks])
         row = rows[(dataset, cid)]
-        if dataset in ("brats", "totalseg"):
+        if dataset in volumes:
             spacing = _volume_spacing(entries[case], slice_step)
             dice, nsd = [slice_dice(p, g)], [slice_nsd(p, g, 2.0, spacing=spacing)]
         else:
