@@ -12,6 +12,8 @@ Variants (``VARIANTS``; the full model is the shipped configuration):
   additive        the authors' additive noise schedule instead of DDPM's linear one
   authors_layout  the class enters at the U-Net input (the paper's layout; nothing shared between
                   classes: see benchmarks/speed.py for its cost)
+  diffusion_s4    the sparse prompt sampled by a 4-step reverse diffusion (DDIM) trained to denoise
+                  towards the ground-truth box's SAM tokens, plus the loss term `denoise`
 
 Steps, each resumable (a killed run carries on: the cache skips finished slices, training resumes
 from each variant's last checkpoint, a finished variant is not retrained):
@@ -56,6 +58,13 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "no_distill": ("no distillation", {"loss#terms": ["region", "pixel", "presence"]}),
     "additive": ("additive noise schedule", {"network_def#prompt_encoder#schedule": "additive"}),
     "authors_layout": ("class at the U-Net input", {"network_def#prompt_encoder#layout": "authors"}),
+    "authors_preset": ("the authors' released encoder (with our presence head)",
+                       {"network_def#prompt_encoder": {"preset": "authors", "presence": True}}),
+    "no_presence": ("no presence head (masks ungated)", {"network_def#prompt_encoder#presence": False,
+                                                         "loss#terms": ["region", "pixel", "distill"]}),
+    "diffusion_s4": ("sparse prompt by a 4-step reverse diffusion", {
+        "network_def#prompt_encoder#reverse_steps": 4,
+        "loss#terms": ["region", "pixel", "distill", "presence", "denoise"]}),
 }
 DATALISTS = "kvasir,shenzhen,brats,totalseg"
 

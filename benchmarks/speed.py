@@ -13,6 +13,10 @@ Measures, in one run (ratios inside one run, so a noisy machine still gives stab
                 shared-trunk layout and the authors' layout (same widths, untrained: speed only),
                 through ONNX Runtime and eager, as a fraction of one encoder pass, for 1 and 5
                 classes per slice, every class decoded;
+  reverse       the class decode with the sparse prompt from an S-step reverse diffusion
+                (prompt_encoder reverse_steps S in 2, 4, 8; S = 1: the one-pass model), shipped
+                widths, untrained (speed only), ONNX Runtime and eager, 1 and 5 classes, and the
+                reverse chain alone (not in the default parts);
   segment       `Segmenter.segment_file` (what `automedsam segment` runs) on the 112-slice CT
                 volume with 1 class and with 5 classes (best of 2, taking turns), the same with
                 every class decoded on every slice and with the class decode in eager PyTorch,
@@ -250,6 +254,55 @@ def decode_costs(model, repeats: int) -> dict:
     return out
 
 
+def reverse_costs(model, repeats: int, steps=(1, 2, 4, 8)) -> dict:
+    """Class decode per class and slice with the sparse prompt sampled by S reverse steps."""
+    from automedsam.model import AutoMedSAM
+    from automedsam.prompt_encoder import class_items
+
+    pe_kwargs = _bundle_prompt_encoder()
+    emb = torch.randn(1, 256, 64, 64)
+    models = {}
+    for s in steps:  # the same initialisation for each S; S = 1 is the one-pass model (no denoiser)
+        torch.manual_seed(0)
+        m = AutoMedSAM(model.backbone, prompt_encoder={**pe_kwargs, "reverse_steps": 0 if s == 1 else s},
+                       train_mask_decoder=model.train_mask_decoder, encoder_runtime="eager").eval()
+        for rt in ("onnx", "eager"):
+            models[(s, rt)] = copy.copy(m)
+            models[(s, rt)].set_decoder_runtime("auto" if rt == "onnx" else "eager")
+    out = {"steps": list(steps), "rows": {}}
+    with torch.inference_mode():
+        fns = {}
+        for (s, rt), m in models.items():
+            for k in (1, 5):
+                fns[(s, rt, k)] = (lambda m=m, k=k: m.decode_classes(emb, list(range(1, k + 1))))
+                fns[(s, rt, k)]()  # builds the ONNX graphs before timing
+        for s in steps:  # the reverse chain alone, for one and five items
+            enc = models[(s, "eager")].class_prompt_encoder
+            if enc.reverse is not None:
+                for k in (1, 5):
+                    cond_dim = enc.reverse.denoiser.v_in.in_features
+                    ctx = enc.reverse.denoiser.context(torch.randn(k, 2, 256), torch.randn(k, cond_dim))
+                    fns[(s, "chain", k)] = (lambda r=enc.reverse, c=ctx: r.sample(c))
+        times = _interleaved(fns, repeats)
+        for s in steps:
+            row = {}
+            for rt in ("onnx", "eager"):
+                for k in (1, 5):
+                    row[f"{rt}_{k}_classes_s"] = round(times[(s, rt, k)], 4)
+                row[f"{rt}_per_class_s"] = round(times[(s, rt, 5)] / 5, 4)
+            for k in (1, 5):
+                row[f"chain_{k}_items_s"] = round(times.get((s, "chain", k), 0.0), 5)
+                row[f"{k}_classes_gflop"] = round(count_flops(fns[(s, "eager", k)]) / 1e9, 3)
+            row["chain_1_item_mflop"] = round(count_flops(fns[(s, "chain", 1)]) / 1e6, 2) if (s, "chain", 1) in fns else 0.0
+            enc = models[(s, "eager")].class_prompt_encoder
+            row["denoiser_params"] = sum(p.numel() for p in enc.reverse.parameters()) if enc.reverse is not None else 0
+            out["rows"][s] = row
+        owner, ids = class_items(1, [1])
+        out["one_pass_prompt_encoder_s"] = round(_timeit(
+            lambda: models[(1, "eager")].class_prompt_encoder.prompts_for(emb, owner, ids), repeats), 4)
+    return out
+
+
 def segment_ct(data_dir: Path, ct_slices: int, naive: bool, naive_slices: int = 16, repeats: int = 2) -> dict:
     """`segment` on the CT volume: 1 class, 5 classes, and a naive per-class pipeline."""
     import nibabel as nib
@@ -463,6 +516,9 @@ def run(data_dir: str | None = None, ct_slices: int = 0, repeats: int = 3, naive
     if "decode" in want:
         results["decode"] = decode_costs(model, repeats)
         print("decode", results["decode"], flush=True)
+    if "reverse" in want:
+        results["reverse"] = reverse_costs(model, repeats)
+        print("reverse", results["reverse"], flush=True)
     if "training" in want:
         results["training"] = training_step(model, torch.stack([c[1] for c in (cases * 8)[:8]]), repeats)
         print("training", results["training"], flush=True)
@@ -529,6 +585,26 @@ def write(r: dict, out: Path) -> None:
                      f"{v['per_class_fraction_of_encoder_flop']} | {dice.get(k.split(',')[0].split()[0], '-')} |")
         L += ["", "Mean Dice: over the validation rows of `benchmarks/results/ablations.md` (each layout trained from "
               "scratch with the same recipe: variants `full` and `authors_layout`), read when this file is written.", ""]
+    if "reverse" in r:
+        v = r["reverse"]
+        one = v["rows"].get("1", v["rows"].get(1))
+        L += ["## Reverse diffusion of the sparse prompt: cost of S steps per class and slice", "",
+              "Class decode (class prompt encoder + mask decoder) with `prompt_encoder#reverse_steps: S` (S = 1: the "
+              "one-pass model), shipped widths, untrained (speed only; accuracy: the model card), best of the runs, "
+              "the variants taking turns. \"Chain\": the S denoiser steps alone.", "",
+              "| S | ONNX 1 class s | ONNX 5 classes s | ONNX per class s | eager 1 class s | eager 5 classes s "
+              "| eager per class s | per class vs S = 1 (ONNX / eager) | chain 1 / 5 items s | GFLOP 1 / 5 classes "
+              "| chain MFLOP | denoiser params |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for s, x in v["rows"].items():
+            L.append(f"| {s} | {x['onnx_1_classes_s']} | {x['onnx_5_classes_s']} | {x['onnx_per_class_s']} | "
+                     f"{x['eager_1_classes_s']} | {x['eager_5_classes_s']} | {x['eager_per_class_s']} | "
+                     f"{x['onnx_per_class_s'] / one['onnx_per_class_s']:.2f}x / "
+                     f"{x['eager_per_class_s'] / one['eager_per_class_s']:.2f}x | "
+                     f"{x['chain_1_items_s']} / {x['chain_5_items_s']} | {x.get('1_classes_gflop', '-')} / "
+                     f"{x.get('5_classes_gflop', '-')} | {x.get('chain_1_item_mflop', '-')} | {x['denoiser_params']} |")
+        L += ["", f"One-pass class prompt encoder alone (eager, 1 class): {v['one_pass_prompt_encoder_s']} s."
+              + (f" {v['note']}" if v.get("note") else ""), ""]
     if "segment" in r:
         s = r["segment"]
         L += [f"## `segment` on the CT volume ({s['input']}, encoder path {s['encoder_path']}, class decode path "

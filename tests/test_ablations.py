@@ -23,14 +23,13 @@ def _parsed(overrides: dict):
     from monai.bundle import ConfigParser
 
     from automedsam.classes import CLASSES
-    from automedsam.prompt_encoder import DiffusionClassPromptEncoder
+    from automedsam.model import build_class_prompt_encoder
 
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "train.yaml"))
     for k, v in overrides.items():
         parser[k] = v
-    encoder = DiffusionClassPromptEncoder(num_classes=len(CLASSES),
-                                          **parser.get_parsed_content("network_def#prompt_encoder"))
+    encoder = build_class_prompt_encoder(len(CLASSES), **parser.get_parsed_content("network_def#prompt_encoder"))
     return encoder, parser.get_parsed_content("loss").loss  # EngineLoss wraps UncertaintyWeightedLoss
 
 
@@ -46,7 +45,8 @@ def test_full_variant_is_the_shipped_configuration():
 
 @pytest.mark.parametrize("name, check", [
     ("full", lambda e, loss: e.use_diffusion and e.branches == ("dense", "sparse") and e.schedule == "linear"
-     and e.layout == "shared_trunk" and loss.learn_weights and "distill" in loss.terms),
+     and e.layout == "shared_trunk" and loss.learn_weights and "distill" in loss.terms
+     and e.presence_head is not None and "presence" in loss.terms),
     ("no_diffusion", lambda e, loss: not e.use_diffusion),
     ("dense_only", lambda e, loss: e.branches == ("dense",) and not hasattr(e, "sparse_branch")),
     ("sparse_only", lambda e, loss: e.branches == ("sparse",) and not hasattr(e, "dense_branch")),
@@ -54,6 +54,9 @@ def test_full_variant_is_the_shipped_configuration():
     ("no_distill", lambda e, loss: "distill" not in loss.terms and len(loss.terms) == 3),
     ("additive", lambda e, loss: e.schedule == "additive"),
     ("authors_layout", lambda e, loss: e.layout == "authors"),
+    ("authors_preset", lambda e, loss: getattr(e, "preset", None) == "authors" and e.presence_head is not None
+     and e.use_diffusion and e.timesteps == 100),
+    ("no_presence", lambda e, loss: e.presence_head is None and "presence" not in loss.terms),
 ])
 def test_each_variant_changes_what_it_names(name, check):
     encoder, loss = _parsed(ablations.VARIANTS[name][1])

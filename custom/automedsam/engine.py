@@ -7,10 +7,13 @@ Training and validation run on the embedding cache: a batch is a dict with ``emb
 
 from __future__ import annotations
 
+import logging
+import os
 from collections import defaultdict
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from ignite.engine import Events
 from ignite.handlers.checkpoint import BaseSaveHandler
@@ -18,6 +21,7 @@ from ignite.metrics import Metric
 from monai.handlers import CheckpointSaver
 from monai.inferers import Inferer
 
+from .atomic import atomic_write
 from .classes import CLASSES
 from .losses import UncertaintyWeightedLoss
 
@@ -28,15 +32,26 @@ def prepare_batch(batchdata: dict, device=None, non_blocking: bool = False, **kw
     """(inputs, targets, args, kwargs) for MONAI's engines: embeddings in, a dict of targets out."""
     inputs = batchdata["embedding"].to(device=device, dtype=torch.float32, non_blocking=non_blocking)
     targets = {k: batchdata[k].to(device=device, non_blocking=non_blocking) for k in TARGET_KEYS if k in batchdata}
-    return inputs, targets, (), {"class_ids": targets["class_id"]}
+    kwargs = {"class_ids": targets["class_id"]}
+    if "box" in batchdata:  # the ground-truth box (backbone-input pixels): a reverse diffusion's target
+        kwargs["target_boxes"] = batchdata["box"].to(device=device, dtype=torch.float32, non_blocking=non_blocking)
+    return inputs, targets, (), kwargs
 
 
 class ClassPromptTrainInferer(Inferer):
-    """Training forward: raw outputs the joint loss needs."""
+    """Training forward: raw outputs the joint loss needs (``presence_logit`` None for a network
+    built with ``presence=False``: it has no presence to learn, and a ``presence`` loss term then
+    refuses to run). ``target_boxes`` (from :func:`prepare_batch`) reach a reverse-diffusion prompt
+    encoder (``reverse_steps`` >= 2), whose per-item ``denoise_error`` the ``denoise`` term weighs."""
 
-    def __call__(self, inputs: torch.Tensor, network: nn.Module, class_ids=None, **kwargs) -> dict:
-        pred = network(embeddings=inputs, class_ids=class_ids)
-        return {"logits": pred.logits, "presence_logit": pred.presence_logit, "iou": pred.iou}
+    def __call__(self, inputs: torch.Tensor, network: nn.Module, class_ids=None, target_boxes=None, **kwargs) -> dict:
+        encoder = getattr(network, "module", network).class_prompt_encoder
+        if encoder.reverse is None:
+            target_boxes = None
+        pred = network(embeddings=inputs, class_ids=class_ids, target_boxes=target_boxes)
+        has_head = encoder.presence_head is not None
+        return {"logits": pred.logits, "presence_logit": pred.presence_logit if has_head else None, "iou": pred.iou,
+                "denoise_error": pred.denoise_error}
 
 
 class ClassPromptEvalInferer(Inferer):
@@ -57,26 +72,57 @@ class EngineLoss(nn.Module):
 
     def forward(self, pred: dict, targets: dict) -> torch.Tensor:
         parts = self.loss.components(pred["logits"], targets["mask"], pred["presence_logit"], targets.get("present"),
-                                     targets.get("teacher"), targets.get("has_teacher"))
+                                     targets.get("teacher"), targets.get("has_teacher"), pred.get("denoise_error"))
         self.last = {k: float(v.detach()) for k, v in parts.items()}
         return self.loss.combine(parts)
 
 
 class LossWeightsHandler:
     """Puts the learned loss weights exp(-s_i) and the last loss components into
-    ``engine.state.metrics`` (so ``StatsHandler``/``TensorBoardStatsHandler``/MLflow log them)."""
+    ``engine.state.metrics`` (so ``StatsHandler``/``TensorBoardStatsHandler``/MLflow log them), and
+    at the end of every epoch logs the weights' trajectory: one line per epoch on the ``logger``
+    and, with ``output_dir``, a row in ``loss_weights.csv`` (epoch, then exp(-s_i) and the epoch's
+    mean L_i per term), so a run shows whether the weights moved and settled."""
 
-    def __init__(self, loss: EngineLoss):
+    def __init__(self, loss: EngineLoss, output_dir: str | None = None, logger_name: str = "automedsam.train"):
         self.loss = loss
+        self.output_dir = output_dir
+        self.logger = logging.getLogger(logger_name)
+        self._sums: dict[str, list[float]] = {}
 
     def attach(self, engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self._sums.clear())
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
 
     def __call__(self, engine) -> None:
         for k, w in self.loss.loss.weights().items():
             engine.state.metrics[f"weight_{k}"] = w
         for k, v in self.loss.last.items():
             engine.state.metrics[f"loss_{k}"] = v
+            acc = self._sums.setdefault(k, [0.0, 0])
+            acc[0] += v
+            acc[1] += 1
+
+    def epoch_completed(self, engine) -> None:
+        weights = self.loss.loss.weights()
+        means = {k: self._sums[k][0] / self._sums[k][1] for k in weights if self._sums.get(k, [0, 0])[1]}
+        self.logger.info(f"Epoch {engine.state.epoch} loss weights exp(-s): "
+                         + ", ".join(f"{k} {w:.3f} (mean L {means[k]:.4f})" if k in means else f"{k} {w:.3f}"
+                                     for k, w in weights.items()))
+        if self.output_dir is None or (dist.is_available() and dist.is_initialized() and dist.get_rank() > 0):
+            return
+        # one row per epoch; a resumed run redoes the epochs after its checkpoint, so their rows go
+        path = os.path.join(self.output_dir, "loss_weights.csv")
+        header = "epoch," + ",".join([f"weight_{k}" for k in weights] + [f"mean_loss_{k}" for k in weights])
+        rows = []
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                rows = [r for r in f.read().splitlines()[1:] if r and int(r.split(",")[0]) < engine.state.epoch]
+        rows.append(f"{engine.state.epoch}," + ",".join([f"{w:.6f}" for w in weights.values()]
+                                                         + [f"{means[k]:.6f}" if k in means else "" for k in weights]))
+        text = "\n".join([header] + rows) + "\n"
+        atomic_write(path, lambda tmp: open(tmp, "w", encoding="utf-8").write(text))
 
 
 def slice_dice(pred: np.ndarray, gt: np.ndarray) -> float:
@@ -155,12 +201,21 @@ class PerClassSliceMetrics(Metric):
         engine.state.metrics[name] = result["mean_dice"]
 
 
-def trainable_parameters(network: nn.Module, loss: nn.Module | None = None) -> list[nn.Parameter]:
-    """What the optimiser steps: the network's unfrozen parameters and the loss's learned weights."""
-    params = [p for p in network.parameters() if p.requires_grad]
-    if loss is not None:
-        params += [p for p in loss.parameters() if p.requires_grad]
-    return params
+def trainable_parameters(network: nn.Module, loss: nn.Module | None = None,
+                         loss_weight_lr: float | None = None) -> list[dict]:
+    """What the optimiser steps, as parameter groups: the network's unfrozen parameters, and the
+    loss's learned weights in a group of their own, without weight decay and at
+    ``loss_weight_lr`` (None: the optimiser's learning rate). Adam moves a parameter by about its
+    learning rate per step whatever the gradient, so at the network's rate (2e-4) the weights
+    cannot travel from 0 to their optimum ``log L_i`` (-1 to -4) in a training run."""
+    groups = [{"params": [p for p in network.parameters() if p.requires_grad]}]
+    weights = [p for p in loss.parameters() if p.requires_grad] if loss is not None else []
+    if weights:
+        group = {"params": weights, "weight_decay": 0.0}
+        if loss_weight_lr is not None:
+            group["lr"] = float(loss_weight_lr)
+        groups.append(group)
+    return groups
 
 
 class TrainableState:
@@ -181,7 +236,8 @@ class TrainableState:
 
 
 class EpochSampling:
-    """Redraw the dataset's negative subsample (``set_epoch``) and the distributed sampler's
+    """Redraw the dataset's epoch draws (``set_epoch``: for SliceSamples the negative subsample,
+    the class-balanced positives and each slice's cached view) and the distributed sampler's
     shuffle at the start of every epoch.
 
     With ``seed``, every random stream training draws from is also reseeded from (seed, epoch)
@@ -245,10 +301,6 @@ class AtomicDiskSaver(BaseSaveHandler):
         self._pending: list[str] = []
 
     def __call__(self, checkpoint, filename: str, metadata=None) -> None:
-        import os
-
-        import torch.distributed as dist
-
         name = self.filename or filename
         if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
             save_atomic(checkpoint, os.path.join(self.dirname, name))

@@ -24,6 +24,14 @@ Where the paper is silent the choices are ours (see the bundle's docs), all swit
   class enters at the bottleneck and in the attention gates).
 * ``use_diffusion=False`` (ablation): no noise, the class map goes straight to the branches.
 * ``branches``: ("dense", "sparse"), or one of them (the other prompt is SAM's "no prompt").
+* ``presence`` (ours, not the paper's): a small head that says whether the class is in the slice
+  at all, used to blank its mask. ``presence=False`` builds no head and answers "present" for
+  every item (``PRESENT_LOGIT``), so masks are ungated; train it without the ``presence`` loss term.
+* ``reverse_steps`` (ours): 0 or 1 (default) is the one-pass model above; S >= 2 samples the sparse
+  prompt by an S-step reverse diffusion (DDIM from a stored noise, conditioned on the sparse
+  branch's tokens, the class and the bottleneck) trained to denoise towards the ground-truth box's
+  SAM tokens (:mod:`automedsam.reverse_diffusion`; ``reverse``: its keyword arguments). Dense
+  prompt and presence stay one-pass.
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 SCHEDULES = ("linear", "cosine", "additive")
+# the presence logit of an item known to be present (a user's box or point, or no presence head)
+PRESENT_LOGIT = 20.0
 LAYOUTS = ("authors", "shared_trunk")
 
 
@@ -129,6 +139,8 @@ class Prompts:
     # the items that ``sparse`` and ``dense`` belong to (rows of ``presence_logit``); None: all of
     # them. Inference may skip the branches of items judged absent, whose masks are blanked anyway.
     rows: torch.Tensor | None = None
+    # reverse diffusion, training with box targets: per item, the denoiser's squared error (B,)
+    denoise_error: torch.Tensor | None = None
 
 
 def class_items(n: int, class_ids, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,6 +173,9 @@ class DiffusionClassPromptEncoder(nn.Module):
         no_mask_embed: torch.Tensor | None = None,
         noise_seed: int = 0,
         embedding_scale: float = 8.0,
+        presence: bool = True,
+        reverse_steps: int = 0,
+        reverse: dict | None = None,
     ):
         super().__init__()
         if schedule not in SCHEDULES:
@@ -202,7 +217,17 @@ class DiffusionClassPromptEncoder(nn.Module):
         if "sparse" in branches:
             self.sparse_branch = Branch(c1, c2, embed_dim, ChannelAttention(c2, class_dim))
             self.token_pool = nn.Conv2d(embed_dim, 2, 1)  # two attention-pooled tokens
-        self.presence_head = nn.Sequential(nn.Linear(c2 + class_dim, class_dim), nn.SiLU(), nn.Linear(class_dim, 1))
+        self.presence_head = nn.Sequential(nn.Linear(c2 + class_dim, class_dim), nn.SiLU(),
+                                           nn.Linear(class_dim, 1)) if presence else None
+        self.reverse = None  # one-pass sparse prompt; else the S-step reverse diffusion
+        if int(reverse_steps) >= 2:
+            if "sparse" not in branches:
+                raise ValueError("reverse_steps >= 2 diffuses the sparse prompt: it needs the 'sparse' branch")
+            from .reverse_diffusion import SparseReverseDiffusion
+
+            self.reverse = SparseReverseDiffusion(embed_dim, class_dim + c2, int(reverse_steps), **(reverse or {}))
+        elif int(reverse_steps) < 0:
+            raise ValueError(f"reverse_steps must be >= 0 (0 or 1: one pass), got {reverse_steps}")
 
         # SAM's "no mask" embedding: the dense prompt starts as what SAM uses without a mask
         nma = torch.zeros(embed_dim) if no_mask_embed is None else no_mask_embed.detach().reshape(embed_dim).clone()
@@ -244,6 +269,23 @@ class DiffusionClassPromptEncoder(nn.Module):
             noise = torch.randn_like(x) if self.training else self.eval_noise.to(x.dtype).expand_as(x)
         return t, noise
 
+    def grow_classes(self, n: int) -> None:
+        """Enlarge the class table to ``n`` classes: the existing rows are kept bit for bit, the new
+        rows start at the mean of the old ones (a neutral class, to be taught). Never shrinks."""
+        old = self.class_embed
+        n = int(n)
+        if n < old.num_embeddings:
+            raise ValueError(f"the class table has {old.num_embeddings} rows; cannot shrink it to {n}")
+        if n == old.num_embeddings:
+            return
+        new = nn.Embedding(n, old.embedding_dim).to(device=old.weight.device, dtype=old.weight.dtype)
+        with torch.no_grad():
+            new.weight[: old.num_embeddings] = old.weight
+            new.weight[old.num_embeddings:] = old.weight.mean(0, keepdim=True)
+        new.weight.requires_grad_(old.weight.requires_grad)
+        self.class_embed = new
+        self.num_classes = n
+
     # ---- reverse network ---------------------------------------------------------------
     def check_class_ids(self, class_ids: torch.Tensor) -> None:
         if class_ids.numel() and (class_ids.min() < 1 or class_ids.max() > self.num_classes):
@@ -263,12 +305,16 @@ class DiffusionClassPromptEncoder(nn.Module):
         s1 = self.enc1(x)
         return s1, self.enc2(s1)
 
-    def heads(self, s1, s2, vec, cmap, owner: torch.Tensor | None = None, skip_absent: bool = False) -> Prompts:
+    def heads(self, s1, s2, vec, cmap, owner: torch.Tensor | None = None, skip_absent: bool = False,
+              x0: torch.Tensor | None = None, reverse_noise: torch.Tensor | None = None) -> Prompts:
         """Prompts per item. ``s1``, ``s2``: the trunk's features per slice; ``vec``, ``cmap``: the class
         condition per item; ``owner[i]``: item i's slice (default: one item per slice). What comes
         from the trunk alone (the skip connections' convolution terms) is computed once per slice.
         ``skip_absent``: run the branches only for items whose presence logit is > 0 (``rows`` of
-        the result); for inference, where the others' masks are blanked whatever the branches say."""
+        the result); for inference, where the others' masks are blanked whatever the branches say.
+        With the reverse diffusion: ``x0`` (B,2,256), per item, the box tokens to learn to denoise to
+        (training; gives ``denoise_error``), ``reverse_noise`` (B,2,256) its x_T (default: fresh
+        noise in training, the stored noise in eval)."""
         c2 = s2.shape[1]
         if owner is None:
             owner = torch.arange(vec.shape[0], device=vec.device)
@@ -278,11 +324,16 @@ class DiffusionClassPromptEncoder(nn.Module):
             mid = self.mid(s2.index_select(0, owner))
         gamma, beta = self.film(vec).chunk(2, 1)
         mid = mid * (1 + gamma[:, :, None, None]) + beta[:, :, None, None]
-        presence = self.presence_head(torch.cat([mid.mean((2, 3)), vec], 1)).squeeze(1)
+        if self.presence_head is not None:
+            presence = self.presence_head(torch.cat([mid.mean((2, 3)), vec], 1)).squeeze(1)
+        else:
+            presence = mid.new_full((mid.shape[0],), PRESENT_LOGIT)
         rows = None
         if skip_absent:
             rows = torch.nonzero(presence > 0).squeeze(1)
             mid, vec, cmap, owner = mid[rows], vec[rows], cmap[rows], owner[rows]
+            x0 = None if x0 is None else x0[rows]
+            reverse_noise = None if reverse_noise is None else reverse_noise[rows]
         b = mid.shape[0]
         if "dense" in self.branches:
             shared = self.dense_branch.shared(s2, s1)
@@ -295,10 +346,20 @@ class DiffusionClassPromptEncoder(nn.Module):
             sparse = torch.einsum("bkn,bcn->bkc", attn, feats.flatten(2))
         else:
             sparse = mid.new_zeros(b, 0, self.embed_dim)
-        return Prompts(sparse=sparse, dense=dense, presence_logit=presence, rows=rows)
+        denoise_error = None
+        if self.reverse is not None:  # the sparse branch's tokens condition the reverse chain
+            ctx = self.reverse.denoiser.context(sparse, torch.cat([vec, mid.mean((2, 3))], 1))
+            if x0 is not None:
+                denoise_error = self.reverse.denoise_error(ctx, x0)
+            if reverse_noise is None and self.training:
+                reverse_noise = torch.randn(b, *self.reverse.noise.shape, device=ctx.device, dtype=ctx.dtype)
+            sparse = self.reverse.sample(ctx, reverse_noise)
+        return Prompts(sparse=sparse, dense=dense, presence_logit=presence, rows=rows, denoise_error=denoise_error)
 
     def forward(self, embeddings: torch.Tensor, class_ids: torch.Tensor, noise: torch.Tensor | None = None,
-                t: torch.Tensor | None = None, skip_absent: bool = False) -> Prompts:
+                t: torch.Tensor | None = None, skip_absent: bool = False, x0: torch.Tensor | None = None,
+                reverse_noise: torch.Tensor | None = None) -> Prompts:
+        """Prompts for one class per embedding; ``x0``, ``reverse_noise``: see :meth:`heads`."""
         class_ids = torch.as_tensor(class_ids, device=embeddings.device).long().reshape(-1)
         if class_ids.numel() != embeddings.shape[0]:
             raise ValueError(f"need one class id per embedding: {class_ids.numel()} ids, {embeddings.shape[0]} embeddings")
@@ -310,7 +371,7 @@ class DiffusionClassPromptEncoder(nn.Module):
         if self.layout == "authors":
             x = torch.cat([x, cmap], 1)
         s1, s2 = self.trunk(x)
-        return self.heads(s1, s2, vec, cmap, skip_absent=skip_absent)
+        return self.heads(s1, s2, vec, cmap, skip_absent=skip_absent, x0=x0, reverse_noise=reverse_noise)
 
     def forward_classes(self, embeddings: torch.Tensor, class_ids: list[int] | torch.Tensor,
                         noise: torch.Tensor | None = None, skip_absent: bool = False) -> Prompts:
@@ -320,17 +381,20 @@ class DiffusionClassPromptEncoder(nn.Module):
         return self.prompts_for(embeddings, owner, ids, noise=noise, skip_absent=skip_absent)
 
     def prompts_for(self, embeddings: torch.Tensor, owner: torch.Tensor, class_ids: torch.Tensor,
-                    noise: torch.Tensor | None = None, skip_absent: bool = False) -> Prompts:
+                    noise: torch.Tensor | None = None, skip_absent: bool = False,
+                    reverse_noise: torch.Tensor | None = None) -> Prompts:
         """Prompts for items: item i asks for class ``class_ids[i]`` of embedding ``owner[i]`` (noise, if
-        given, per embedding). The shared-trunk layout runs its trunk (and the skip connections'
-        terms) once per embedding, the authors' layout everything once per item."""
+        given, per embedding; ``reverse_noise``, if given, per item: see :meth:`heads`). The
+        shared-trunk layout runs its trunk (and the skip connections' terms) once per embedding, the
+        authors' layout everything once per item."""
         if self.layout == "authors":
             return self(embeddings.index_select(0, owner), class_ids,
-                        noise=None if noise is None else noise.index_select(0, owner), skip_absent=skip_absent)
+                        noise=None if noise is None else noise.index_select(0, owner), skip_absent=skip_absent,
+                        reverse_noise=reverse_noise)
         x = embeddings.float() * self.embedding_scale
         t, noise = self._steps_and_noise(x, noise, None)
         if self.use_diffusion:
             x = self.diffuse(x, torch.zeros_like(x[:, :1]), t, noise)
         s1, s2 = self.trunk(x)
         vec, cmap = self.condition(class_ids, t.index_select(0, owner))
-        return self.heads(s1, s2, vec, cmap, owner=owner, skip_absent=skip_absent)
+        return self.heads(s1, s2, vec, cmap, owner=owner, skip_absent=skip_absent, reverse_noise=reverse_noise)

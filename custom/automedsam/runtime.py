@@ -322,7 +322,8 @@ class OnnxClassPrompts(_OnnxGraph):
     """The class prompt encoder's inference path (:meth:`DiffusionClassPromptEncoder.prompts_for`
     with its fixed evaluation noise) exported to ONNX: (embeddings (S,C,h,w), owner (B,), class ids
     (B,)) -> (sparse (B,N,C), dense (B,C,h,w), presence logits (B,)); numbers of slices and items
-    are dynamic, checked at two of each."""
+    are dynamic, checked at two of each. A reverse diffusion's S-step chain is exported unrolled
+    for the encoder's current S (part of the file's key: another S is another export)."""
 
     input_names, output_names = ("embeddings", "owner", "class_ids"), ("sparse", "dense", "presence")
     dynamic_axes = {"embeddings": {0: "slices"}, "owner": {0: "items"}, "class_ids": {0: "items"},
@@ -333,7 +334,8 @@ class OnnxClassPrompts(_OnnxGraph):
         self.embedding_shape, self.num_classes = tuple(embedding_shape), encoder.num_classes
         graph = _ClassPromptsGraph(encoder).eval()
         directory = Path(directory) if directory is not None else cache_dir()
-        super().__init__(graph, directory / f"{name}-{weights_key(graph, self.embedding_shape[-1], self.signature())}.onnx", threads)
+        key = weights_key(graph, self.embedding_shape[-1], self.signature() + f"|reverse_steps={reverse_steps(encoder)}")
+        super().__init__(graph, directory / f"{name}-{key}.onnx", threads)
 
     def _inputs(self) -> list[tuple[torch.Tensor, ...]]:
         g = torch.Generator().manual_seed(0)
@@ -351,6 +353,12 @@ class OnnxClassPrompts(_OnnxGraph):
                 "owner": owner.to(torch.int64).numpy(), "class_ids": class_ids.to(torch.int64).numpy()}
         sparse, dense, presence = (torch.from_numpy(a) for a in self.session.run(None, feed))
         return Prompts(sparse=sparse, dense=dense, presence_logit=presence)
+
+
+def reverse_steps(encoder: nn.Module) -> int:
+    """The S of a class prompt encoder's reverse diffusion (0: one pass); not in its weights."""
+    reverse = getattr(encoder, "reverse", None)
+    return 0 if reverse is None else int(reverse.steps)
 
 
 class _ClassPromptsGraph(nn.Module):
@@ -397,9 +405,13 @@ class _InferenceGraphRunner:
         return (self.runtime != "eager" and not torch.is_grad_enabled() and not module.training
                 and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors))
 
+    def _config(self, module: nn.Module):
+        """What shapes the graph besides the weights (part of its stamp)."""
+        return None
+
     def _graph(self, module: nn.Module, shape: tuple[int, int, int]):
         state = list(module.parameters()) + list(module.buffers())
-        stamp = (id(module), shape, tuple((t.data_ptr(), t._version) for t in state))
+        stamp = (id(module), shape, tuple((t.data_ptr(), t._version) for t in state), self._config(module))
         if stamp != self._stamp:
             self._onnx, self._stamp = None, stamp
             self._onnx, self._failed = _build_or_fall_back(lambda: self._make(module, shape), self.what, self.runtime,
@@ -435,6 +447,9 @@ class ClassPromptRunner(_InferenceGraphRunner):
     :class:`_InferenceGraphRunner`); returns :class:`Prompts` for every item (no ``rows``)."""
 
     what = "class prompt encoder"
+
+    def _config(self, module):
+        return reverse_steps(module)
 
     def _make(self, module, shape):
         return OnnxClassPrompts(module, shape, self.name)
