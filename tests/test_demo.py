@@ -33,3 +33,27 @@ def test_demo_without_real_data_segments_a_generated_sample_and_says_so(tmp_path
     for stem in ("synthetic_ct", "synthetic_endoscopy"):
         assert (out / f"{stem}_overlay.png").is_file()
     assert set(CLASSES[i] for i in ids) <= set(MODALITY_CLASSES["ct"])
+
+
+def test_real_demo_cases_are_one_per_domain_with_small_slabs_and_a_labelled_failure(data_root, tmp_path):
+    """The real-data demo: polyp, chest X-ray, a BraTS slab and a CT slab (SLAB slices each,
+    centred where the reference has the most classes, same voxel grid as the source), then the
+    README's failure polyp, labelled as a failure; no training case but the (only) labelled CT."""
+    from automedsam.classes import label_to_classes
+    from automedsam.data.datalist import load_datalist
+    from automedsam.demo import SLAB, real_samples
+
+    cases = real_samples(data_root, tmp_path)
+    assert [c["name"] for c in cases] == ["polyp", "lungs", "brain_tumor", "abdomen", "polyp_failure"]
+    assert "FAILURE" in cases[-1]["what"] and not any("FAILURE" in c["what"] for c in cases[:-1])
+    for c in cases[2:4]:
+        img, lab = nib.load(c["image"]), nib.load(c["label"])
+        assert img.shape[2] == SLAB and lab.shape == img.shape
+        masks = label_to_classes(np.asarray(lab.dataobj), c["dataset"])
+        assert all(m.any() for m in masks.values() if c["dataset"] == "brats")
+        assert sum(m.any() for m in masks.values()) >= (1 if c["dataset"] == "brats" else 4)
+        src = nib.load(load_datalist(c["dataset"], base_dir=data_root, split="validation")[0]["image"])
+        np.testing.assert_allclose(img.affine[:3, :3], src.affine[:3, :3])  # same grid, shifted along z
+    training = {e["image"] for n in ("kvasir", "shenzhen", "brats") for e in
+                load_datalist(n, base_dir=data_root, split="training")}
+    assert not training & {str(c["image"]) for c in cases if c["dataset"] != "totalseg"}

@@ -31,7 +31,7 @@ import csv
 import json
 import math
 import os
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +43,7 @@ from monai.transforms import InvertibleTransform, LoadImaged, MapTransform, Orie
 from monai.utils import TraceKeys
 
 from .classes import CLASSES, MODALITY_CLASSES, check_modality, parse_classes
-from .data.io import _AXIS_LABELS, _DICOM_MODALITY_HINT, VOLUME_SUFFIXES, LoadedImage, _pil_image_converter, \
-    _pil_label_converter
+from .data.io import _AXIS_LABELS, VOLUME_SUFFIXES
 from .data.preprocess import normalise
 
 __all__ = [
@@ -77,26 +76,50 @@ def _filename(img) -> str:
 
 
 class LoadInputd(LoadImaged):
-    """``LoadImaged`` that reads 2D images the way :func:`automedsam.data.io.load_image` does.
+    """The pipeline's first step (:mod:`automedsam.pipeline`): :func:`automedsam.data.io.read_checked`,
+    i.e. the checks that make bad input fail in one line naming the file (kind by content,
+    voxel limit from the header before the data is read, NaN/Inf, constant image, degenerate
+    affine, DICOM notes), then MONAI ``LoadImage`` with the reader of the file's kind (NIfTI:
+    ``NibabelReader``; MHA/NRRD and single DICOM files: ``ITKReader``; DICOM series folders:
+    :class:`~automedsam.data.dicom_series.DicomSeriesReader`; PNG/JPG/BMP/TIFF: ``PILReader``
+    with io's converters, palette/RGBA -> RGB, ``labels=True``: colour masks -> grey; MedSAM
+    npz: ``NumpyReader``). ``dtype=None`` keeps the file's voxel type.
 
-    MONAI's default readers are kept (NIfTI: ``NibabelReader``; DICOM series folders, MHA/NRRD:
-    ``ITKReader``) with their x-first layout (``SliceLayoutd`` turns it into slices). A
-    ``PILReader`` with io's converters is registered on top for PNG/JPG/BMP/TIFF: palette, RGBA,
-    CMYK images become RGB and grey+alpha becomes grey (``labels=True``: colour masks become
-    grey and palette PNGs keep their indices), as the ``automedsam segment`` command reads them.
-    ``dtype=None`` keeps the file's voxel type (the modality guess looks at it).
-
-    It is a ``LoadImaged``, so MONAI Label wraps it as it does any bundle's loader.
+    The result is a MetaTensor in the reader's layout with ``original_channel_dim`` set (for
+    ``EnsureChannelFirstd``) and the layout :class:`SliceLayoutd` needs in its meta
+    (``automedsam_layout``); ``info_key``: the file's full details (DICOM, notes) go there too.
+    It is a ``LoadImaged``, so MONAI Label keeps it as it does any bundle's loader.
     """
 
-    def __init__(self, keys: KeysCollection, labels: bool = False, dtype=None, image_only: bool = True,
-                 ensure_channel_first: bool = False, allow_missing_keys: bool = False, **kwargs):
-        from monai.data import PILReader
+    def __init__(self, keys: KeysCollection, labels: bool = False, series_uid: str | None = None,
+                 allow_gaps: bool = False, max_voxels: int | None = None, info_key: str | None = None,
+                 allow_missing_keys: bool = False, **kwargs):
+        super().__init__(keys, reader=None, dtype=None, image_only=True, allow_missing_keys=allow_missing_keys,
+                         **kwargs)
+        self.labels, self.series_uid, self.allow_gaps = bool(labels), series_uid, bool(allow_gaps)
+        self.max_voxels, self.info_key = max_voxels, info_key
 
-        super().__init__(keys, reader=None, dtype=dtype, image_only=image_only,
-                         ensure_channel_first=ensure_channel_first, allow_missing_keys=allow_missing_keys, **kwargs)
-        # registered last = tried first for the suffixes it claims (auto-selection by suffix)
-        self.register(PILReader(converter=_pil_label_converter if labels else _pil_image_converter))
+    def __call__(self, data, reader=None):
+        from .data.io import read_checked
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            arr, info = read_checked(d[key], series_uid=self.series_uid, max_voxels=self.max_voxels,
+                                     allow_gaps=self.allow_gaps, label=self.labels)
+            affine = np.asarray(info["native_affine"], dtype=np.float64)
+            if info["layout"] in ("xy", "hw"):  # 2D: a 3x3 affine, as MONAI's 2D readers give
+                affine = affine[np.ix_([0, 1, 3], [0, 1, 3])]
+            dicom = info.get("dicom") or {}
+            meta = {"affine": torch.as_tensor(affine), "original_affine": torch.as_tensor(affine),
+                    "spatial_shape": np.asarray(arr.shape[:-1] if info["has_channel"] else arr.shape),
+                    "original_channel_dim": -1 if info["has_channel"] else "no_channel",
+                    "filename_or_obj": info["filename_or_obj"], "automedsam_kind": info["kind"],
+                    "automedsam_layout": info["layout"], "is_volume": bool(info["is_volume"]),
+                    "native_dtype": info["native_dtype"], "dicom_modality": str(dicom.get("modality") or "")}
+            d[key] = MetaTensor(torch.as_tensor(np.ascontiguousarray(arr)), meta=meta)
+            if self.info_key:
+                d[self.info_key] = info
+        return d
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,6 +128,9 @@ class LoadInputd(LoadImaged):
 
 def _is_volume_file(img) -> bool:
     """2D arrays read from a volume format (a one-slice NIfTI): io treats them as volumes."""
+    meta = _meta(img)
+    if "is_volume" in meta:
+        return bool(meta["is_volume"])
     name = _filename(img).lower()
     return name.endswith(VOLUME_SUFFIXES) or (bool(name) and os.path.isdir(name))
 
@@ -116,16 +142,17 @@ def _swap01(affine: torch.Tensor) -> torch.Tensor:
 
 
 class SliceLayoutd(MapTransform, InvertibleTransform):
-    """Channel-first arrays in MONAI's layout -> AutoMedSAM's slice layout (invertible).
+    """Channel-first arrays from :class:`LoadInputd` -> AutoMedSAM's slice layout (invertible):
+    (C,H,W,N) for volumes, (C,H,W) for 2D images, ``x[..., k]`` the k-th slice as a viewer
+    shows it (rows first).
 
-    * volumes (C,X,Y,Z): reoriented to ``orientation`` (MONAI ``Orientation``, as
-      :func:`~automedsam.data.io.load_image` does; ``None`` keeps the file's voxel order),
-      then the first two spatial axes swapped: (C,H,W,N) with ``x[..., k]`` the k-th slice in
-      natural image orientation (io's ``oriented[..., k].T``);
-    * 2D images (C,X,Y) from MONAI's x-first readers: transposed to (C,H,W);
-    * a 2D array read from a volume file (a one-slice NIfTI) is a one-slice volume, as in io.
+    * volumes (C,X,Y,Z): reoriented to ``orientation`` (MONAI ``Orientation``; ``None`` keeps
+      the file's voxel order), then the first two spatial axes swapped;
+    * x-first 2D images (C,X,Y) (PIL, ITK): the two axes swapped;
+    * MedSAM npz: (C,Z,H,W) volumes get their slice axis last; (C,H,W) images stay as they are.
 
-    ``Invertd`` with this transform puts a prediction back on the input's voxel grid and affine.
+    ``Invertd`` with this transform (or :func:`automedsam.pipeline.to_native`) puts a prediction
+    back on the input's voxel grid and affine.
     """
 
     def __init__(self, keys: KeysCollection, orientation: str | None = "LPS", allow_missing_keys: bool = False):
@@ -137,20 +164,23 @@ class SliceLayoutd(MapTransform, InvertibleTransform):
         if not isinstance(img, MetaTensor):
             img = MetaTensor(torch.as_tensor(img))
         spatial = img.ndim - 1
-        if spatial not in (2, 3):
-            raise ValueError(f"SliceLayoutd expects channel-first 2D or 3D arrays, got shape {tuple(img.shape)} "
-                             f"({_filename(img) or 'array'})")
-        expanded = spatial == 2 and _is_volume_file(img)
-        if expanded:
-            img = img.unsqueeze(-1)
-            spatial = 3
-        oriented = spatial == 3 and self._orient is not None
+        layout = _meta(img).get("automedsam_layout") or ("xyz" if spatial == 3 else "xy")
+        if spatial != (3 if layout in ("xyz", "zhw") else 2):
+            raise ValueError(f"SliceLayoutd: a {layout} image needs {3 if layout in ('xyz', 'zhw') else 2} spatial "
+                             f"axes, got shape {tuple(img.shape)} ({_filename(img) or 'array'})")
+        oriented = layout == "xyz" and self._orient is not None
         if oriented:
             img = self._orient(img)
         affine = img.affine.clone()
-        out = img.transpose(1, 2).contiguous()
-        out.affine = _swap01(affine)
-        self.push_transform(out, extra_info={"expanded": expanded, "oriented": oriented})
+        if layout in ("xyz", "xy"):
+            out = img.transpose(1, 2).contiguous()
+            out.affine = _swap01(affine)
+        elif layout == "zhw":
+            out = img.permute(0, 2, 3, 1).contiguous()
+            out.affine = affine[:, [1, 2, 0, 3]]
+        else:
+            out = img
+        self.push_transform(out, extra_info={"layout": layout, "oriented": oriented})
         return out
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
@@ -165,13 +195,16 @@ class SliceLayoutd(MapTransform, InvertibleTransform):
             img = d[key]
             info = self.pop_transform(img)
             extra = info[TraceKeys.EXTRA_INFO]
+            layout = extra["layout"]
             affine = img.affine.clone()
-            img = img.transpose(1, 2).contiguous()
-            img.affine = _swap01(affine)
+            if layout in ("xyz", "xy"):
+                img = img.transpose(1, 2).contiguous()
+                img.affine = _swap01(affine)
+            elif layout == "zhw":
+                img = img.permute(0, 3, 1, 2).contiguous()
+                img.affine = affine[:, [2, 0, 1, 3]]
             if extra["oriented"]:
                 img = self._orient.inverse(img)
-            if extra["expanded"]:
-                img = img.squeeze(-1)
             d[key] = img
         return d
 
@@ -192,17 +225,7 @@ def _from_slices(x: np.ndarray, volume: bool) -> np.ndarray:
     return np.moveaxis(x, 1, -1) if volume else x[:, 0]
 
 
-def guess_modality_of(slices: np.ndarray, is_volume: bool, native_dtype: str, path: str = "",
-                      dicom_modality: str | None = None) -> tuple[str, str]:
-    """:func:`automedsam.segment.guess_modality` for slices that did not come from io."""
-    from .segment import guess_modality
-
-    hint = _DICOM_MODALITY_HINT.get(str(dicom_modality or "").strip().upper())
-    meta = {"intensity_range": (float(slices.min()), float(slices.max())), "native_dtype": native_dtype}
-    if hint:
-        meta["dicom"] = {"modality": str(dicom_modality)}
-    loaded = LoadedImage(path=path, slices=slices, is_volume=is_volume, meta=meta, modality_hint=hint)
-    return guess_modality(loaded)
+from .modality import guess_modality_of  # noqa: E402  (the one home of modality guessing)
 
 
 class NormaliseModalityd(MapTransform):
@@ -242,8 +265,9 @@ class NormaliseModalityd(MapTransform):
             elif d.get(self.modality_key):
                 modality, source = check_modality(d[self.modality_key]), "datalist"
             else:
-                modality, source = guess_modality_of(slices, volume or _is_volume_file(img), native_dtype,
-                                                     _filename(img), meta.get("0008|0060"))
+                modality, source = guess_modality_of(slices, volume or _is_volume_file(img),
+                                                     str(meta.get("native_dtype", native_dtype)), _filename(img),
+                                                     meta.get("dicom_modality") or meta.get("0008|0060"))
             x = normalise(slices, modality, **self.params)
             out = torch.from_numpy(np.ascontiguousarray(_from_slices(x, volume)))
             if isinstance(img, MetaTensor):
@@ -448,32 +472,7 @@ class CaseMetricsd(MapTransform):
 # --------------------------------------------------------------------------------------------
 # config helpers
 
-
-def inference_datalist(inputs: str | Sequence[str] | None = None, datalist: str | None = None,
-                       split: str = "testing", base_dir: str | None = None) -> list[dict]:
-    """Data dicts ``{"image": path[, "modality", "dataset", ...]}`` for the inference configs.
-
-    ``inputs``: files, DICOM series folders, or folders of them (expanded as ``automedsam
-    segment`` does); ``datalist``: a datalist name or JSON path whose ``split`` (comma-separated
-    or ``all``) is read, paths relative to ``base_dir``; its entries carry their modality.
-    """
-    items: list[dict] = []
-    if datalist:
-        from .data.datalist import load_datalist
-
-        for e in load_datalist(datalist, base_dir=base_dir, split=split):
-            items.append({k: v for k, v in e.items() if k != "label"})
-    if inputs:
-        from .segment import resolve_inputs
-
-        found, _ = resolve_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs))
-        for it in found:
-            if it.series_uid:
-                raise ValueError(f"{it.path} holds several DICOM series; give each series its own folder")
-            items.append({"image": str(it.path)})
-    if not items:
-        raise ValueError("nothing to segment: give `input` (files or folders) or `datalist`")
-    return items
+from .bundle import inference_datalist  # noqa: E402  (its home is automedsam.bundle; kept here for old configs)
 
 
 def displayable_classes(class_names) -> str:
