@@ -353,7 +353,9 @@ def test_two_process_training_keeps_the_ranks_identical(tiny, single_cache, tmp_
     # one set of files, all from rank 0
     names = sorted(p.name for p in out.iterdir())
     events = [n for n in names if n.startswith("events.out.tfevents.")]
-    assert sorted(set(names) - set(events)) == ["best_model.pt", "checkpoint_epoch=2.pt", "model.pt"], names
+    assert sorted(set(names) - set(events)) == ["best_model.pt", "checkpoint_epoch=2.pt", "loss_weights.csv",
+                                                 "model.pt"], names
+    assert len((out / "loss_weights.csv").read_text().splitlines()) == 3  # header + one row per epoch, rank 0 only
     assert len(events) == 2, f"TensorBoard files (train and validation, rank 0): {events}"
     assert {n.split(".")[-2] for n in events} == {str(ranks[0]["pid"])}, f"not all from rank 0: {events}"
     ckpt = torch.load(out / "checkpoint_epoch=2.pt", map_location="cpu", weights_only=False)

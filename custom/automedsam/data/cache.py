@@ -10,8 +10,10 @@ runs it once per slice and trains on this cache. One file per slice holds:
 
 A slice's key is the sha256 of everything its numbers depend on: cache format, backbone
 name and checkpoint sha256, preprocessing key, orientation, input file content sha256,
-label file content sha256 and label mapping, slice index. Changed files or settings give new
-keys, so nothing is ever served stale. Files are written atomically (temporary name +
+label file content sha256 and label mapping, slice index; for an augmented view (``view`` >= 1,
+:mod:`automedsam.data.augment`) also the view index and the augmentation settings' hash (view 0,
+the plain slice, has exactly the key it had before views existed). Changed files or settings
+give new keys, so nothing is ever served stale. Files are written atomically (temporary name +
 ``os.replace``) and carry a sha256 of their payload, checked on every read: a corrupt file
 is detected and recomputed. ``build`` skips finished slices, so a killed run resumes.
 
@@ -42,6 +44,7 @@ import torch
 
 from ..atomic import atomic_write
 from ..classes import CLASS_IDS, DATASET_LABELS, label_to_classes
+from .augment import views_for
 from .io import content_sha256, load_image, load_label
 from .preprocess import LOW_RES, InputGeometry, PreprocessConfig, mask_to_box, mask_to_input, mask_to_low_res, \
     to_backbone_input
@@ -107,13 +110,16 @@ class EmbeddingCache:
         orientation: volume orientation passed to :func:`~automedsam.data.io.load_image`.
         teacher: also store the box-prompted teacher's low-res logits per present class.
         device: where the encoder runs (default: CUDA when available).
+        augment: the :class:`~automedsam.data.augment.AugmentConfig` of views >= 1 (default: seed 0).
     """
 
     def __init__(self, root: str | os.PathLike, backbone="lite_medsam", preprocess: PreprocessConfig | None = None,
                  checkpoint: str | os.PathLike | None = None, orientation: str | None = "LPS", teacher: bool = True,
-                 device: str | torch.device | None = None):
+                 device: str | torch.device | None = None, augment=None):
         from ..backbones import BACKBONES, IMAGE_SIZE, default_lite_medsam_checkpoint
+        from .augment import AugmentConfig
 
+        self.augment = augment if augment is not None else AugmentConfig()
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         if isinstance(backbone, str):
@@ -178,13 +184,19 @@ class EmbeddingCache:
     def case_key(self, entry: dict) -> str:
         return _sha_json({"format": CACHE_FORMAT, **self._hashes(entry)})[:40]
 
-    def slice_key(self, entry: dict, index: int) -> str:
-        """The content key of one slice (all that its cached numbers depend on)."""
+    def slice_key(self, entry: dict, index: int, view: int = 0) -> str:
+        """The content key of one slice's ``view`` (all that its cached numbers depend on)."""
+        extra = {"view": int(view), "augment": self.augment.key(entry["modality"], entry["dataset"])} if view else {}
         return _sha_json({
             "format": CACHE_FORMAT, "backbone": self.backbone_name, "checkpoint": self.checkpoint_sha256,
             "preprocess": self.config_for(entry).key(), "teacher": self.teacher, "slice": int(index),
-            **self._hashes(entry),
+            **self._hashes(entry), **extra,
         })[:48]
+
+    def view_seed(self, entry: dict, index: int, view: int) -> int:
+        """The augmentation seed of a view (``index`` -1: its volume-level draw), from content."""
+        h = self._hashes(entry)
+        return self.augment.view_seed(f"{h['image']}|{h['label']}", index, view)
 
     def path_for(self, key: str) -> Path:
         return self.root / "slices" / key[:2] / f"{key}.npc"
@@ -229,11 +241,14 @@ class EmbeddingCache:
         return rec
 
     @staticmethod
-    def select_slices(record: dict, slice_step: int = 1, only_labelled_slices: bool = False) -> list[int]:
-        """Slice indices k with k % slice_step == 0 (and a labelled class when asked)."""
+    def select_slices(record: dict, slice_step: int = 1, only_labelled_slices: bool = False,
+                      all_labelled_slices: bool = False) -> list[int]:
+        """Slice indices k with k % slice_step == 0 (or, with ``all_labelled_slices``, any slice
+        holding a class) and, when asked, a labelled class."""
         step = max(1, int(slice_step))
         return [k for k in range(record["num_slices"])
-                if k % step == 0 and (not only_labelled_slices or record["classes"][k])]
+                if (k % step == 0 or (all_labelled_slices and record["classes"][k]))
+                and (not only_labelled_slices or record["classes"][k])]
 
     # ---------------------------------------------------------------- files
 
@@ -284,39 +299,48 @@ class EmbeddingCache:
             self.stats["corrupt"] += 1
             return False
 
-    def get(self, entry: dict, index: int, recompute: bool = True) -> dict:
-        """A cached slice; a missing or corrupt entry is recomputed (``recompute``) or raises."""
-        key = self.slice_key(entry, index)
+    def get(self, entry: dict, index: int, recompute: bool = True, view: int = 0) -> dict:
+        """A cached slice (view); a missing or corrupt entry is recomputed (``recompute``) or raises."""
+        key = self.slice_key(entry, index, view)
         try:
             return self.load(key)
         except CacheError:
             if not recompute:
                 raise
-        self._compute_case(entry, [index], batch_size=1)
+        self._compute_case(entry, [index], batch_size=1, view=view)
         return self.load(key)
 
     # ---------------------------------------------------------------- computing
 
     @torch.inference_mode()
     def _compute_case(self, entry: dict, indices: Sequence[int], batch_size: int = 4, on_done=None,
-                      loaded=None) -> None:
-        """Encode ``indices`` of one case and write their files."""
+                      loaded=None, view: int = 0) -> None:
+        """Encode ``indices`` of one case (their ``view``) and write their files."""
         cfg = self.config_for(entry)
         img = loaded[0] if loaded else load_image(entry["image"], orientation=self.orientation)
         labels = loaded[1] if loaded else (load_label(entry["label"], img) if entry.get("label") else None)
-        x = cfg.normalise(img.slices)  # whole volume: MR percentiles need it
+        raw, aug = img.slices, None
+        if view:  # an augmented view: volume-level draw (raw intensities), then per slice below
+            from .augment import ViewAugmenter
+
+            aug = ViewAugmenter(entry["modality"], entry["dataset"], self.augment)
+            raw, cfg = aug.volume(raw, cfg, self.view_seed(entry, -1, view))
+        x = cfg.normalise(raw)  # whole volume: MR percentiles need it
         bb = self.backbone
         if next(bb.parameters()).device != self.device:
             bb.to(self.device)
         rules = entry["dataset"]
         for start in range(0, len(indices), max(1, int(batch_size))):
             chunk = list(indices[start:start + max(1, int(batch_size))])
-            inputs, infos = zip(*(to_backbone_input(x[k], cfg.size) for k in chunk))
+            views = {k: (x[k], None if labels is None else labels[k]) for k in chunk}
+            if aug:
+                views = {k: aug.slice(*views[k], self.view_seed(entry, k, view)) for k in chunk}
+            inputs, infos = zip(*(to_backbone_input(views[k][0], cfg.size) for k in chunk))
             emb = bb.encode(torch.stack(inputs).to(self.device)).float()
             self.stats["encoded"] += len(chunk)
             for j, k in enumerate(chunk):
                 info = infos[j]
-                class_masks = label_to_classes(labels[k], rules) if labels is not None else {}
+                class_masks = label_to_classes(views[k][1], rules) if labels is not None else {}
                 cids, boxes, masks = [], [], []
                 for cid, m in sorted(class_masks.items()):
                     if not m.any():
@@ -344,9 +368,11 @@ class EmbeddingCache:
                     else:
                         arrays["teacher"] = np.zeros((0, LOW_RES, LOW_RES), np.float16)
                         arrays["teacher_iou"] = np.zeros((0,), np.float32)
-                key = self.slice_key(entry, k)
+                key = self.slice_key(entry, k, view)
                 meta = {"case": entry.get("case", entry["image"]), "image": str(entry["image"]), "slice": int(k),
-                        "backbone": self.backbone_name, "preprocess": cfg.key(), "class_ids": cids}
+                        "backbone": self.backbone_name, "preprocess": cfg.key(), "class_ids": cids,
+                        **({"view": int(view), "augment": self.augment.key(entry["modality"], entry["dataset"])}
+                           if view else {})}
                 _atomic_bytes(self.path_for(key), self._encode_file(key, arrays, meta))
                 if on_done is not None:
                     on_done(k)
@@ -362,9 +388,12 @@ class EmbeddingCache:
 
     def build(self, entries: Iterable[dict], slice_step: int = 1, only_labelled_slices: bool = False,
               batch_size: int = 4, rank: int = 0, world_size: int = 1, verify: bool = True,
-              progress: bool = True, max_slices: int | None = None) -> dict:
-        """Compute every missing slice of ``entries`` (this rank's share); returns counts.
+              progress: bool = True, max_slices: int | None = None, num_views: int = 1,
+              all_labelled_slices: bool = False) -> dict:
+        """Compute every missing slice view of ``entries`` (this rank's share); returns counts.
 
+        ``num_views``: views 0 (plain) .. K-1 (augmented) of each slice, K an int or per dataset
+        (:func:`~automedsam.data.augment.views_for`), one encoder pass each; counts count views.
         Finished slices are skipped (with ``verify`` their checksums are checked first and
         corrupt ones recomputed), so a killed run resumes where it stopped. Slices and case records
         are shared between ranks by key (:func:`owner_rank`): a rank computes and writes only its
@@ -376,6 +405,7 @@ class EmbeddingCache:
         if not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         entries = list(entries)
+        k_max = max(views_for(num_views, e["dataset"]) for e in entries) if entries else 1
         if rank == 0:
             self._clean_tmp()
         corrupt_before = self.stats["corrupt"]
@@ -384,12 +414,13 @@ class EmbeddingCache:
                     leave=False)
         for entry in scan:
             rec = self.case_record(entry, write=owner_rank(self.case_key(entry), world_size) == rank)
-            ks = self.select_slices(rec, slice_step, only_labelled_slices)
-            keys = {k: self.slice_key(entry, k) for k in ks}
+            ks = [(k, v) for v in range(views_for(num_views, entry["dataset"]))
+                  for k in self.select_slices(rec, slice_step, only_labelled_slices, all_labelled_slices)]
+            keys = {kv: self.slice_key(entry, *kv) for kv in ks}
             # this rank's share, each slice once (a case listed twice, e.g. in two splits, is one case)
-            mine = [k for k in ks if owner_rank(keys[k], world_size) == rank and keys[k] not in planned]
-            planned.update(keys[k] for k in mine)
-            todo = [k for k in mine if not self.is_valid(keys[k], verify=verify)]
+            mine = [kv for kv in ks if owner_rank(keys[kv], world_size) == rank and keys[kv] not in planned]
+            planned.update(keys[kv] for kv in mine)
+            todo = [kv for kv in mine if not self.is_valid(keys[kv], verify=verify)]
             total += len(mine)
             done += len(mine) - len(todo)
             if todo:
@@ -398,7 +429,8 @@ class EmbeddingCache:
         if max_slices is not None:
             pending = min(pending, int(max_slices))
         stats = {"slices": total, "cached": done, "computed": 0, "corrupt_recomputed": self.stats["corrupt"] -
-                 corrupt_before, "rank": rank, "world_size": world_size, "cache_dir": str(self.root)}
+                 corrupt_before, "rank": rank, "world_size": world_size, "cache_dir": str(self.root),
+                 "num_views": num_views}
         bar = tqdm(total=pending, desc=f"encoding slices (rank {rank}/{world_size})" if world_size > 1
                    else "encoding slices", unit="slice", disable=not progress, dynamic_ncols=True)
         t0 = time.time()
@@ -408,11 +440,11 @@ class EmbeddingCache:
             bar.update(1)
 
         try:
-            for entry, todo in plan:
-                left = pending - stats["computed"]
-                if left <= 0:
-                    break
-                self._compute_case(entry, todo[:left], batch_size=batch_size, on_done=tick)
+            for v in range(k_max):  # view-major: every plain slice first, then view 1 of all, ...
+                for entry, todo in plan:
+                    ks, left = [k for k, w in todo if w == v], pending - stats["computed"]
+                    if ks and left > 0:
+                        self._compute_case(entry, ks[:left], batch_size=batch_size, on_done=tick, view=v)
         finally:
             bar.close()
         stats["seconds"] = round(time.time() - t0, 2)
@@ -440,7 +472,8 @@ def build_cache(datalist: str | Sequence[str], base_dir: str | None = None, cach
                 batch_size: int = 4, rank: int | None = None, world_size: int | None = None,
                 device: str | None = None, ct_level: float = 40.0, ct_width: float = 400.0,
                 mr_lower: float = 0.5, mr_upper: float = 99.5, orientation: str | None = "LPS",
-                teacher: bool = True, verify: bool = True, progress: bool = True) -> dict:
+                teacher: bool = True, verify: bool = True, progress: bool = True, num_views: int | dict = 1,
+                all_labelled_slices: bool = False) -> dict:
     """Fill the embedding cache for one or more datalists (the ``automedsam cache`` command).
 
     Args:
@@ -450,11 +483,13 @@ def build_cache(datalist: str | Sequence[str], base_dir: str | None = None, cach
         cache_dir: where the cache lives.
         max_cases: only the first N cases of each datalist split.
         slice_step: every k-th slice of volumes; only_labelled_slices: skip slices without a class.
-        split: "training", "validation", "testing", comma-separated, or "all".
+        split: "training", "validation", "test", "unlabelled", comma-separated, or "all".
         rank, world_size: share the work between processes (default: torch.distributed or
             $RANK/$WORLD_SIZE, so ``torchrun --nproc_per_node=N -m automedsam.cli cache ...``
             splits it N ways; see :meth:`EmbeddingCache.build`).
         device: where the encoder runs (default: cuda:$LOCAL_RANK when CUDA is there, else CPU).
+        num_views: views per slice (1: the plain slice only; K: K-1 augmented views as well), or
+            per dataset ({"totalseg": 32, "default": 8}).
     Returns: counts (slices, cached, computed, corrupt_recomputed, seconds, ...).
     """
     from .datalist import load_datalist
@@ -479,6 +514,7 @@ def build_cache(datalist: str | Sequence[str], base_dir: str | None = None, cach
     cache = EmbeddingCache(cache_dir, backbone=backbone, preprocess=cfg, checkpoint=checkpoint,
                            orientation=orientation, teacher=teacher, device=device)
     stats = cache.build(entries, slice_step=slice_step, only_labelled_slices=only_labelled_slices,
-                        batch_size=batch_size, rank=rank, world_size=world_size, verify=verify, progress=progress)
+                        batch_size=batch_size, rank=rank, world_size=world_size, verify=verify, progress=progress,
+                        num_views=num_views, all_labelled_slices=all_labelled_slices)
     stats["cases"] = len(entries)
     return stats

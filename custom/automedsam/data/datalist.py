@@ -1,8 +1,16 @@
 """Decathlon-style datalists (``data_lists/<name>.json``) with paths relative to a data folder.
 
 Each JSON has ``name``, ``dataset`` (a key of :data:`automedsam.classes.DATASET_LABELS`),
-``modality``, and ``training`` / ``validation`` (/ ``testing``) lists of
-``{"image": relpath, "label": relpath}``. The data folder is given at run time
+``modality``, and split lists of ``{"image": relpath, "label": relpath}``:
+
+* ``training``: what the model is trained on;
+* ``validation``: for choosing epochs and thresholds;
+* ``test``: held out for the final report only (disjoint from both; empty where a dataset has
+  too few cases, said in the datalist's ``note``);
+* ``unlabelled``: images without labels (e.g. the 112-slice CT), for inference only.
+
+The old name ``testing`` (which held the unlabelled volume) is refused with a message naming
+both new splits, so an old command cannot silently read the wrong one. The data folder is given at run time
 (``base_dir``), else ``$AUTOMEDSAM_DATA``, else ``../shared/data`` beside the repository.
 """
 
@@ -18,7 +26,9 @@ from ..classes import DATASET_LABELS, DATASET_MODALITY, check_modality
 __all__ = ["SPLITS", "repo_root", "default_data_dir", "datalist_dir", "available_datalists", "datalist_path",
            "read_datalist", "load_datalist"]
 
-SPLITS = ("training", "validation", "testing")
+SPLITS = ("training", "validation", "test", "unlabelled")
+_RENAMED = {"testing": "split 'testing' was renamed: use 'unlabelled' for the unlabelled images it held, "
+                       "or 'test' for the held-out labelled cases"}
 
 
 def repo_root() -> Path:
@@ -86,6 +96,8 @@ def load_datalist(name_or_path: str | os.PathLike, base_dir: str | os.PathLike |
         raise FileNotFoundError(f"data folder not found: {base} (give base_dir or set AUTOMEDSAM_DATA)")
     splits = SPLITS if split == "all" else tuple(s.strip() for s in str(split).split(",") if s.strip())
     for s in splits:
+        if s in _RENAMED:
+            raise ValueError(_RENAMED[s])
         if s not in SPLITS:
             raise ValueError(f"unknown split '{s}'; valid: {', '.join(SPLITS)} or 'all'")
     entries = []
