@@ -414,3 +414,69 @@ def test_max_voxels_refused_from_the_header_before_reading(data_root, dicom_dir,
     junk.write_bytes(np.random.default_rng(3).bytes(3000))
     assert header_voxels(junk) is None
     _bad(junk, "cannot read", max_voxels=10)
+
+
+# ------------------------------------------------------------------------------------ the one pipeline
+
+
+@pytest.mark.parametrize("kind", ["nifti_ras", "nifti_las_2d", "png_rgb", "npz_volume", "npz_2d"])
+def test_pipeline_round_trip_puts_each_voxel_back_where_it_was(kind, tmp_path):
+    """A marked voxel goes through the pipeline's loading (load_image) and comes back through its
+    inverse (labels_to_native) at the same place of the input's own grid; the working slice shows
+    it where a viewer would (LPS for volumes: patient's left on the image's right)."""
+    import nibabel as nib
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    if kind.startswith("nifti"):
+        shape = (7, 5, 4) if kind == "nifti_ras" else (6, 9)
+        vol = rng.integers(0, 50, size=shape).astype(np.int16)
+        where = (5, 1, 2) if len(shape) == 3 else (4, 7)
+        vol[where] = 1000
+        aff = np.diag([0.8, 1.2, 2.5, 1.0]) if kind == "nifti_ras" else np.diag([-1.0, 1.0, 1.0, 1.0])
+        path = tmp_path / "v.nii.gz"
+        nib.save(nib.Nifti1Image(vol, aff), str(path))
+    elif kind == "png_rgb":
+        img = rng.integers(0, 100, size=(9, 14, 3)).astype(np.uint8)  # rows x columns, not square
+        where = (2, 11)
+        img[where] = 255
+        path = tmp_path / "i.png"
+        Image.fromarray(img).save(path)
+    else:
+        shape = (5, 8, 6) if kind == "npz_volume" else (8, 6)
+        arr = rng.integers(0, 100, size=shape).astype(np.float32)
+        where = (3, 6, 1) if len(shape) == 3 else (6, 1)
+        arr[where] = 500
+        path = tmp_path / "m.npz"
+        np.savez(path, imgs=arr)
+    loaded = load_image(path)
+    raw = loaded.slices.max(-1)
+    k, r, c = np.unravel_index(np.argmax(raw), raw.shape)
+    mark = np.zeros(raw.shape, np.uint8)
+    mark[k, r, c] = 1
+    native = loaded.labels_to_native(mark)
+    assert native.shape == loaded.native_shape
+    where = where + (0,) * (native.ndim - len(where))  # a 2D NIfTI is a one-slice volume
+    assert tuple(int(i) for i in np.argwhere(native)[0]) == where
+    if kind == "nifti_ras":  # RAS -> LPS flips x and y: row = Y-1-y, column = X-1-x, slice z
+        assert (k, r, c) == (2, 5 - 1 - 1, 7 - 1 - 5)
+    if kind == "png_rgb":
+        assert loaded.slice_shape == (9, 14) and (r, c) == where
+    if kind == "nifti_las_2d":  # LAS -> LPS flips y only: row = Y-1-y, column = x
+        assert (k, r, c) == (0, 9 - 1 - 7, 4)
+
+
+def test_cli_and_bundle_build_the_same_pipeline():
+    """One chain: the bundle's preprocessing is automedsam.pipeline's, with the same transforms in
+    the same order as the loading load_image runs (plus the normalisation)."""
+    from monai.bundle import ConfigParser
+
+    from automedsam import pipeline
+
+    parser = ConfigParser()
+    parser.read_config(str(Path(__file__).resolve().parents[1] / "bundles" / "automedsam" / "configs" / "inference.yaml"))
+    parser.parse()
+    pre = parser.get_parsed_content("preprocessing", instantiate=True)
+    names = [type(t).__name__ for t in pre.transforms]
+    assert names == [type(t).__name__ for t in pipeline.loading()] + ["NormaliseModalityd"]
+    assert names == ["LoadInputd", "EnsureChannelFirstd", "SliceLayoutd", "NormaliseModalityd"]

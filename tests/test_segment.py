@@ -638,7 +638,7 @@ def test_output_folder_not_writable(data_root, tmp_path):
 
 _KILL_MID_WRITE = r"""
 import os, signal, sys
-import automedsam.segment as S
+import automedsam.outputs as S  # where the staged writer lives
 
 target = sys.argv[1]
 original = S._Staged.write

@@ -6,6 +6,7 @@ once per slice, ``decode`` answers any number of class prompts from that embeddi
 
 from __future__ import annotations
 
+import collections
 import copy
 import os
 from collections.abc import Sequence
@@ -40,8 +41,11 @@ class Prediction:
 # A pytree node, so that code walking a forward's output finds its tensors. DistributedDataParallel
 # needs this: with static_graph (or find_unused_parameters) it routes the output tensors through
 # its autograd hook; an opaque output object hides them and the gradients are never all-reduced.
-torch.utils._pytree.register_dataclass(Prediction)
+torch.export.register_dataclass(Prediction)  # public API; registers the same pytree node
 
+
+# what nn.Module.load_state_dict returns (a (missing_keys, unexpected_keys) named tuple), without its private type
+_NO_KEYS_MISSING = collections.namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])([], [])
 
 PRESETS = ("ours", "authors")
 
@@ -298,7 +302,7 @@ class LabelMapNet(nn.Module):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         self.network.load_trainable(dict(state_dict))
-        return nn.modules.module._IncompatibleKeys([], [])
+        return _NO_KEYS_MISSING
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         emb = self.network.encode(images)

@@ -1,4 +1,5 @@
-"""Voxel geometry that is never silently wrong (and the one home of the volume <-> slice layout): affines checked before use, voxel volumes from
+"""Voxel geometry that is never silently wrong (the volume <-> slice layout itself is the pipeline's
+``SliceLayoutd``, automedsam.pipeline): affines checked before use, voxel volumes from
 the determinant, and the NIfTI header cases that readers paper over said out loud.
 
 * A singular, all-zero or non-finite affine gives voxel axes no direction in space: the input
@@ -13,7 +14,6 @@ the determinant, and the NIfTI header cases that readers paper over said out lou
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +89,7 @@ def nifti_geometry_notes(path: str | os.PathLike, affine: np.ndarray, ndim: int 
 
 
 # --------------------------------------------------------------------------------------------
-# voxel axes and the slice layout (LoadedImage.slices <-> the input's own voxel grid)
+# voxel axis codes
 
 
 def _orient_codes(affine: np.ndarray) -> str:
@@ -98,69 +98,12 @@ def _orient_codes(affine: np.ndarray) -> str:
     return "".join(nib.aff2axcodes(affine, labels=_AXIS_LABELS))
 
 
-def _orient(arr: np.ndarray, affine: np.ndarray, codes: str) -> tuple[np.ndarray, np.ndarray]:
-    """Flip/permute the three spatial axes of arr (X,Y,Z[,C]) to ``codes`` (MONAI Orientation)."""
-    import torch
-    from monai.data import MetaTensor
-    from monai.transforms import Orientation
-
-    chan = arr.ndim == 4
-    t = torch.as_tensor(np.ascontiguousarray(np.moveaxis(arr, -1, 0) if chan else arr[None]))
-    mt = MetaTensor(t, affine=torch.as_tensor(affine, dtype=torch.float64))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = Orientation(axcodes=codes, labels=_AXIS_LABELS)(mt)
-    res = out.as_tensor().numpy()
-    res = np.moveaxis(res, 0, -1) if chan else res[0]
-    return np.ascontiguousarray(res), out.affine.numpy().astype(np.float64)
-
-
 def _check_axcodes(codes: str) -> str:
     codes = str(codes).upper()
     axes = sorted(i for c in codes for i, pair in enumerate(_AXIS_LABELS) if c in pair)
     if len(codes) != 3 or axes != [0, 1, 2]:
         raise ValueError(f"orientation must be three axis codes such as 'LPS' or 'RAS', got '{codes}'")
     return codes
-
-
-def _native_to_slices(arr: np.ndarray, meta: dict, oriented: bool = False) -> np.ndarray:
-    """Native array (raw layout; may carry a trailing channel axis) -> (N,H,W[,C]) slices.
-
-    ``oriented``: a volume is already turned to ``meta['orientation']['target']``."""
-    layout = meta["layout"]
-    if layout == "hw":  # 2D, natural orientation already
-        return arr[None]
-    if layout == "xy":  # 2D from ITK: (X,Y[,C]) -> (H=Y, W=X)
-        return np.swapaxes(arr, 0, 1)[None]
-    if layout == "zhw":  # MedSAM npz volume
-        return arr
-    if layout == "xyz":
-        orient = meta.get("orientation")
-        if orient and not oriented and orient["target"] != orient["native"]:
-            arr, _ = _orient(arr, np.asarray(meta["native_affine"]), orient["target"])
-        # (X,Y,Z[,C]) -> (Z,Y,X[,C]): slice k = vol[..., k].T
-        return np.swapaxes(np.moveaxis(arr, 2, 0), 1, 2)
-    raise ValueError(f"unknown layout {layout}")
-
-
-def _slices_to_native(label_slices: np.ndarray, meta: dict) -> np.ndarray:
-    layout = meta["layout"]
-    shape = tuple(meta["native_spatial_shape"])
-    if layout == "hw":
-        out = label_slices[0]
-    elif layout == "xy":
-        out = label_slices[0].T
-    elif layout == "zhw":
-        out = label_slices
-    elif layout == "xyz":
-        out = np.swapaxes(label_slices, 1, 2)  # (Z,X,Y)
-        out = np.moveaxis(out, 0, 2)  # (X,Y,Z)
-        orient = meta.get("orientation")
-        if orient and orient["target"] != orient["native"]:
-            out, back = _orient(out, np.asarray(meta["oriented_affine"]), orient["native"])
-    else:
-        raise ValueError(f"unknown layout {layout}")
-    return np.ascontiguousarray(out.reshape(shape))
 
 
 def _affine_spacing(affine: np.ndarray) -> tuple[float, float, float]:

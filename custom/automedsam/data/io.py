@@ -1,28 +1,26 @@
-"""Reading inputs and writing label maps, all through MONAI's ``LoadImage``.
+"""Reading inputs: the checks that make bad input fail in one line, and the reader of each kind.
 
-Every input kind ends up as a :class:`LoadedImage` whose ``slices`` are 2D images in
-natural image orientation (rows x columns, as a viewer shows them), so one per-slice
-pipeline serves them all:
+:func:`read_checked` is the first step of the one pipeline (:mod:`automedsam.pipeline`,
+:class:`automedsam.transforms.LoadInputd`): the kind by content (:func:`input_kind`), voxel limits
+from the header before any data is read, MONAI ``LoadImage`` with the kind's reader, then empty,
+1D/4D, NaN/Inf, constant images and degenerate affines refused naming the file:
 
 =================  ==============================  =========================================
-input              MONAI reader                    slice k
+input              MONAI reader                    layout (what SliceLayoutd does with it)
 =================  ==============================  =========================================
-NIfTI              ``NibabelReader``               ``vol[..., k].T`` after reorientation
-DICOM series dir   ``DicomSeriesReader`` (data/   ``vol[..., k].T`` after reorientation
-or DICOMDIR        dicom.py: pydicom headers, by
-                   slice position; UIDs optional)
-MHA/MHD/NRRD       ``ITKReader``                   ``vol[..., k].T`` after reorientation
-single DICOM file  ``ITKReader``                   ``img.T`` (2D) or as a volume if multi-frame
-PNG/JPG/BMP/TIFF   ``PILReader(reverse_indexing=   the image as stored (H rows, W columns)
-                   False)``
-MedSAM ``.npz``    ``NumpyReader(npz_keys=imgs)``  ``imgs`` (H,W,3) or ``imgs[k]`` of (Z,H,W)
+NIfTI              ``NibabelReader``               xyz: LPS, then rows first; slice k last
+DICOM series dir   ``DicomSeriesReader`` (data/    xyz
+or DICOMDIR        dicom_series.py: ordered from
+                   the headers; UIDs optional)
+MHA/MHD/NRRD       ``ITKReader``                   xyz
+single DICOM file  ``ITKReader``                   xy (2D: rows first) or xyz if multi-frame
+PNG/JPG/BMP/TIFF   ``PILReader`` (io's converters) xy (2D: rows first)
+MedSAM ``.npz``    ``NumpyReader(npz_keys=imgs)``  hw (H,W,3) as is; zhw (Z,H,W): slice axis last
 =================  ==============================  =========================================
 
-Volumes are by default reoriented (MONAI ``Orientation``) to ``LPS`` voxel axes before
-slicing, so every volume is shown the radiological way (patient's left on the image's
-right, anterior up) whatever order its file stores voxels in; ``orientation=None`` keeps
-the file's voxel order. ``LoadedImage.labels_to_native`` undoes all of this exactly, and
-``save_label_map`` writes a label map on the input's own voxel grid and affine.
+:func:`load_image` runs the pipeline's loading transforms and gives a :class:`LoadedImage`, a
+view of their output as (N,H,W,C) slices; ``LoadedImage.labels_to_native`` is the inverse of
+the same transforms. Label files: :mod:`automedsam.data.labels`.
 """
 
 from __future__ import annotations
@@ -36,9 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from ..atomic import atomic_write
 from .geometry import _AXIS_LABELS  # noqa: F401  (re-exported: transforms.py)
-from .geometry import _affine_spacing, _check_axcodes, _native_to_slices, _orient, _orient_codes, _slices_to_native, \
+from .geometry import _affine_spacing, _check_axcodes, _orient_codes, \
     nifti_geometry_notes, voxel_volume_mm3
 from .geometry import check_affine as _check_affine
 from .limits import DEFAULT_MAX_VOXELS, _check_voxels, _PilNoBombLimit, header_voxels, max_voxels_limit
@@ -96,6 +93,29 @@ class LoadedImage:
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
     meta: dict[str, Any] = field(default_factory=dict)
     modality_hint: str | None = None
+    image: Any = field(default=None, repr=False)  # the pipeline's (C,H,W[,N]) MetaTensor (raw values)
+    chain: Any = field(default=None, repr=False)  # the loading transforms that made it (inverted on the way back)
+
+    @classmethod
+    def from_pipeline(cls, image, info: dict[str, Any], chain) -> "LoadedImage":
+        """The view :func:`load_image` gives of :func:`automedsam.pipeline.load`'s output."""
+        arr = image.detach().cpu().numpy()
+        x = np.moveaxis(arr, 0, -1)  # (H,W[,N],C)
+        slices = np.ascontiguousarray(np.moveaxis(x, 2, 0) if x.ndim == 4 else x[None], dtype=np.float32)
+        meta = {k: v for k, v in info.items() if k not in ("spacing", "is_volume", "has_channel", "label_affine")}
+        meta["orientation"], meta["oriented_affine"] = None, None
+        op = next(o for o in reversed(image.applied_operations) if o["class"] == "SliceLayoutd")
+        if op["extra_info"]["oriented"]:
+            meta["orientation"] = {"native": _orient_codes(info["native_affine"]),
+                                   "target": chain.transforms[-1].orientation}
+            oriented = image.affine.detach().cpu().numpy().astype(np.float64)
+            oriented[:, [0, 1]] = oriented[:, [1, 0]]  # rows first -> the oriented voxel axes
+            meta["oriented_affine"] = oriented
+        dicom = info.get("dicom")
+        hint = _DICOM_MODALITY_HINT.get(str(dicom["modality"]).upper()) if dicom else None
+        return cls(path=info["filename_or_obj"], slices=slices, is_volume=bool(info["is_volume"]),
+                   affine=np.asarray(info["native_affine"], dtype=np.float64), spacing=tuple(info["spacing"]),
+                   meta=meta, modality_hint=hint, image=image, chain=chain)
 
     @property
     def num_slices(self) -> int:
@@ -127,7 +147,9 @@ class LoadedImage:
         expected = (self.num_slices, *self.slice_shape)
         if label_slices.shape != expected:
             raise ValueError(f"label slices of {self.path} must have shape {expected}, got {label_slices.shape}")
-        return _slices_to_native(label_slices, self.meta)
+        from ..pipeline import to_native
+
+        return np.ascontiguousarray(to_native(label_slices, self.image, self.chain).reshape(self.native_shape))
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,7 +318,7 @@ def _read_native(path: Path, kind: str, series_uid: str | None = None, label: bo
             arr, meta = _load(path, reader)
         elif kind == "image2d":
             conv = _pil_label_converter if label else _pil_image_converter
-            reader = PILReader(converter=conv, reverse_indexing=False)
+            reader = PILReader(converter=conv, reverse_indexing=True)
             if max_voxels:  # the voxel limit was checked from the header: PIL's bomb limit need not apply
                 with _PilNoBombLimit():
                     arr, meta = _load(path, reader)
@@ -322,9 +344,124 @@ def _read_native(path: Path, kind: str, series_uid: str | None = None, label: bo
     return arr, meta, dicom, type(reader).__name__
 
 
+def read_checked(path: str | os.PathLike, series_uid: str | None = None, max_voxels: int | None = None,
+                 allow_gaps: bool = False, label: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
+    """The checks that make bad input fail in one line, and the read: (array, meta).
+
+    The first step of the one pipeline (:class:`automedsam.transforms.LoadInputd` calls it): the
+    kind is found by content (:func:`input_kind`), the voxel count is checked from the header
+    before any data is read, the file is read by MONAI ``LoadImage`` with the reader of its kind,
+    then empty, 1D/4D, NaN/Inf, constant images and degenerate affines are refused. The array
+    keeps the reader's spatial axes (x first for NIfTI/ITK/DICOM/PIL; (Z,H,W) or (H,W) for a
+    MedSAM npz) with a trailing channel axis when ``meta["has_channel"]``; ``meta`` says how the
+    pipeline lays it out (``layout``, ``is_volume``, ``affine``, ``spacing``, ``notes``, ...).
+    """
+    p = Path(path)
+    kind = input_kind(p)
+    if kind == "dicom_series" and p.is_file():  # a DICOMDIR: its folder
+        p = p.parent
+    limit = max_voxels_limit(max_voxels)
+    promised = None
+    if limit and kind != "dicom_series":  # a series is counted from its files' headers when chosen
+        promised = header_voxels(p, kind)
+        if promised is not None:
+            _check_voxels(p, promised[0], promised[1], limit)
+    arr, rmeta, dicom, reader_name = _read_native(p, kind, series_uid, label=label, max_voxels=limit,
+                                                  allow_gaps=allow_gaps)
+    notes: list[str] = list((dicom or {}).get("notes", []))
+    if promised is None and kind != "dicom_series":  # a header that could not tell: count what was read
+        _check_voxels(p, int(arr.size), tuple(arr.shape), limit)
+    original_shape = tuple(int(s) for s in arr.shape)
+    native_dtype = str(arr.dtype)
+    if arr.dtype.kind not in "biuf":
+        raise _fail(p, f"unsupported {'label ' if label else ''}voxel type {arr.dtype}")
+    affine = np.eye(4)
+    spacing = (1.0, 1.0, 1.0)
+    has_channel = False
+
+    if kind in ("nifti", "itk", "dicom_series", "dicom_file"):
+        # multi-component pixels (RGB DICOM) as ITK reports them; a 4D NIfTI is refused below
+        has_channel = kind != "nifti" and rmeta.get("original_channel_dim") == -1
+        if has_channel:
+            chans = 3 if arr.shape[-1] >= 3 else 1  # RGB(A) -> RGB; grey(+alpha) -> grey
+            arr = arr[..., :chans].reshape(*_squeeze_trailing(arr[..., 0], 2).shape, chans)
+            if chans == 1:
+                arr, has_channel = arr[..., 0], False
+        else:
+            arr = _squeeze_trailing(arr, 2)
+        affine = np.asarray(rmeta.get("affine", np.eye(4)), dtype=np.float64)
+        if affine.shape != (4, 4):  # 2D ITK images carry a 3x3 affine
+            a = np.eye(4)
+            a[:2, :2], a[:2, 3] = affine[:2, :2], affine[:2, 2]
+            affine = a
+        if kind == "nifti" and not label:
+            notes += nifti_geometry_notes(p, affine, arr.ndim)
+        _check_affine(p, affine)
+        spacing = _affine_spacing(affine)
+        n_spatial = arr.ndim - (1 if has_channel else 0)
+        if n_spatial == 1:
+            raise _fail(p, f"1D array of shape {original_shape}; need a 2D image or a 3D volume")
+        if n_spatial > 3 or (has_channel and n_spatial == 3):
+            raise _fail(p, f"{arr.ndim}D array of shape {original_shape}; only 2D images and 3D volumes are "
+                           f"supported (split multi-channel or time series into 3D volumes)")
+        if kind == "dicom_file" and n_spatial == 2:
+            layout, is_volume = "xy", False
+            spacing = (spacing[0], spacing[1], 1.0)
+        else:
+            layout, is_volume = "xyz", True
+            if arr.ndim == 2:  # a one-slice volume (2D NIfTI)
+                arr = arr[..., None]
+    elif kind == "image2d":  # PILReader, x first: (W, H[, C])
+        layout, is_volume = "xy", False
+        if arr.ndim == 3 and arr.shape[-1] == 1:
+            arr = arr[..., 0]
+        if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] == 3)):
+            raise _fail(p, f"unexpected image array shape {original_shape}")
+        has_channel = arr.ndim == 3
+    else:  # npz
+        what = "gts" if label else "imgs"
+        if arr.ndim == 2:
+            layout, is_volume = "hw", False
+        elif arr.ndim == 3 and arr.shape[-1] in (3, 4) and arr.shape[0] > 4:
+            layout, is_volume, has_channel = "hw", False, True
+            arr = arr[..., :3]
+        elif arr.ndim == 3:
+            layout, is_volume = "zhw", True
+        elif arr.ndim == 1:
+            raise _fail(p, f"'{what}' is a 1D array of shape {original_shape}; need (H,W,3) or (Z,H,W)")
+        else:
+            raise _fail(p, f"'{what}' is a {arr.ndim}D array of shape {original_shape}; need (H,W,3) 2D or "
+                           f"(Z,H,W) 3D")
+        if "npz_spacing" in rmeta:
+            spacing = rmeta["npz_spacing"]
+            if is_volume:
+                affine = np.diag([*spacing, 1.0])
+
+    _check_values(arr, p, "label" if label else "image")
+    lo, hi = float(np.min(arr)), float(np.max(arr))
+    if lo == hi and not label:
+        raise _fail(p, f"constant image (every voxel is {lo:g}); nothing to segment")
+    spatial = arr.shape[:-1] if has_channel else arr.shape
+    if kind == "image2d":  # the file's own grid is rows x columns (what its label PNG holds)
+        spatial = spatial[::-1]
+    meta: dict[str, Any] = {
+        "reader": reader_name, "kind": kind, "original_shape": original_shape,
+        "native_spatial_shape": tuple(int(s) for s in spatial), "native_dtype": native_dtype, "layout": layout,
+        "is_volume": is_volume, "has_channel": bool(has_channel), "native_affine": affine, "spacing": spacing,
+        "intensity_range": (lo, hi), "filename_or_obj": str(p), "notes": notes,
+        "label_affine": np.asarray(rmeta.get("affine", np.eye(4)), dtype=float) if label else None,
+    }
+    if kind == "image2d":
+        meta["pil_mode"] = rmeta.get("mode")
+    if dicom is not None:
+        meta["dicom"] = dicom
+    return arr, meta
+
+
 def load_image(path: str | os.PathLike, series_uid: str | None = None, orientation: str | None = "LPS",
                max_voxels: int | None = None, allow_gaps: bool = False) -> LoadedImage:
-    """Read an image or volume (see the module doc for the kinds) into a :class:`LoadedImage`.
+    """Read an image or volume (see the module doc for the kinds) into a :class:`LoadedImage`,
+    through the one pipeline's loading transforms (:func:`automedsam.pipeline.load`).
 
     Args:
         path: a file, or a folder holding one DICOM series.
@@ -346,230 +483,24 @@ def load_image(path: str | os.PathLike, series_uid: str | None = None, orientati
             DICOM series without ``series_uid``, more voxels than ``max_voxels``, a constant
             (e.g. all-zero) image, NaN/Inf voxels (refused, never guessed).
     """
-    p = Path(path)
-    kind = input_kind(p)
-    if kind == "dicom_series" and p.is_file():  # a DICOMDIR: its folder
-        p = p.parent
-    limit = max_voxels_limit(max_voxels)
-    promised = None
-    if limit and kind != "dicom_series":  # a series is counted from its files' headers when chosen
-        promised = header_voxels(p, kind)
-        if promised is not None:
-            _check_voxels(p, promised[0], promised[1], limit)
-    arr, rmeta, dicom, reader_name = _read_native(p, kind, series_uid, max_voxels=limit, allow_gaps=allow_gaps)
-    notes: list[str] = list((dicom or {}).get("notes", []))
-    if promised is None and kind != "dicom_series":  # a header that could not tell: count what was read
-        _check_voxels(p, int(arr.size), tuple(arr.shape), limit)
-    original_shape = tuple(int(s) for s in arr.shape)
-    native_dtype = str(arr.dtype)
-    if arr.dtype.kind not in "biuf":
-        raise _fail(p, f"unsupported voxel type {arr.dtype}")
-    affine = np.eye(4)
-    spacing = (1.0, 1.0, 1.0)
-    orient = None
-    oriented_affine = None
+    from ..pipeline import load
 
-    if kind in ("nifti", "itk", "dicom_series", "dicom_file"):
-        # multi-component pixels (RGB DICOM) as ITK reports them; a 4D NIfTI is refused below
-        has_channel = kind != "nifti" and rmeta.get("original_channel_dim") == -1
-        if has_channel:
-            chans = 3 if arr.shape[-1] >= 3 else 1  # RGB(A) -> RGB; grey(+alpha) -> grey
-            arr = arr[..., :chans].reshape(*_squeeze_trailing(arr[..., 0], 2).shape, chans)
-            if chans == 1:
-                arr, has_channel = arr[..., 0], False
-        else:
-            arr = _squeeze_trailing(arr, 2)
-        affine = np.asarray(rmeta.get("affine", np.eye(4)), dtype=np.float64)
-        if affine.shape != (4, 4):  # 2D ITK images carry a 3x3 affine
-            a = np.eye(4)
-            a[:2, :2], a[:2, 3] = affine[:2, :2], affine[:2, 2]
-            affine = a
-        if kind == "nifti":
-            notes += nifti_geometry_notes(p, affine, arr.ndim)
-        _check_affine(p, affine)
-        spacing = _affine_spacing(affine)
-        n_spatial = arr.ndim - (1 if has_channel else 0)
-        if n_spatial == 1:
-            raise _fail(p, f"1D array of shape {original_shape}; need a 2D image or a 3D volume")
-        if n_spatial > 3 or (has_channel and n_spatial == 3):
-            raise _fail(p, f"{arr.ndim}D array of shape {original_shape}; only 2D images and 3D volumes are "
-                           f"supported (split multi-channel or time series into 3D volumes)")
-        if kind == "dicom_file" and n_spatial == 2:
-            layout, is_volume = "xy", False
-            spacing = (spacing[0], spacing[1], 1.0)
-        else:
-            layout, is_volume = "xyz", True
-            if arr.ndim == 2:  # a one-slice volume (2D NIfTI)
-                arr = arr[..., None]
-            if orientation:
-                target = _check_axcodes(orientation)
-                orient = {"native": _orient_codes(affine), "target": target}
-    elif kind == "image2d":
-        layout, is_volume = "hw", False
-        if arr.ndim == 3 and arr.shape[-1] == 1:
-            arr = arr[..., 0]
-        if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] == 3)):
-            raise _fail(p, f"unexpected image array shape {original_shape}")
-    else:  # npz
-        if arr.ndim == 2:
-            layout, is_volume = "hw", False
-        elif arr.ndim == 3 and arr.shape[-1] in (3, 4) and arr.shape[0] > 4:
-            layout, is_volume = "hw", False
-            arr = arr[..., :3]
-        elif arr.ndim == 3:
-            layout, is_volume = "zhw", True
-        elif arr.ndim == 1:
-            raise _fail(p, f"'imgs' is a 1D array of shape {original_shape}; need (H,W,3) or (Z,H,W)")
-        else:
-            raise _fail(p, f"'imgs' is a {arr.ndim}D array of shape {original_shape}; need (H,W,3) 2D or (Z,H,W) 3D")
-        if "npz_spacing" in rmeta:
-            spacing = rmeta["npz_spacing"]
-            if is_volume:
-                affine = np.diag([*spacing, 1.0])
-
-    _check_values(arr, p)
-    lo, hi = float(np.min(arr)), float(np.max(arr))
-    if lo == hi:
-        raise _fail(p, f"constant image (every voxel is {lo:g}); nothing to segment")
-
-    spatial = arr.shape[:-1] if (arr.ndim == 3 and layout in ("hw", "xy")) else arr.shape
-    meta: dict[str, Any] = {
-        "reader": reader_name,
-        "kind": kind,
-        "original_shape": original_shape,
-        "native_spatial_shape": tuple(int(s) for s in spatial),
-        "native_dtype": native_dtype,
-        "layout": layout,
-        "native_affine": affine,
-        "orientation": orient,
-        "oriented_affine": oriented_affine,
-        "intensity_range": (lo, hi),
-        "filename_or_obj": str(p),
-        "notes": notes,
-    }
-    if kind == "image2d":
-        meta["pil_mode"] = rmeta.get("mode")
-    modality_hint = None
-    if dicom is not None:
-        meta["dicom"] = dicom
-        modality_hint = _DICOM_MODALITY_HINT.get(dicom["modality"].upper())
-    if orient is not None:
-        arr, oriented_affine = _orient(arr, affine, orient["target"])
-        meta["oriented_affine"] = oriented_affine
-    slices = _native_to_slices(arr, meta, oriented=True)
-    if slices.ndim == 3:
-        slices = slices[..., None]
-    slices = np.ascontiguousarray(slices, dtype=np.float32)
-    return LoadedImage(path=str(p), slices=slices, is_volume=is_volume, affine=affine, spacing=spacing,
-                       meta=meta, modality_hint=modality_hint)
+    if orientation:
+        orientation = _check_axcodes(orientation)
+    image, info, chain = load(path, orientation=orientation, series_uid=series_uid, max_voxels=max_voxels,
+                              allow_gaps=allow_gaps)
+    return LoadedImage.from_pipeline(image, info, chain)
 
 
 def load_label(path: str | os.PathLike, like: LoadedImage) -> np.ndarray:
-    """Read a ground-truth label file as (N,H,W) integer slices in the same layout as ``like``.
+    """See :func:`automedsam.data.labels.load_label` (its home)."""
+    from .labels import load_label as _load_label
 
-    2D colour masks are turned grey; palette PNGs keep their indices; a MedSAM ``.npz`` gives its
-    ``gts`` array. The label must lie on the image's voxel grid (same shape and axis order).
-    Returns uint8 when every value fits, else int32.
-    """
-    p = Path(path)
-    kind = input_kind(p)
-    arr, rmeta, _, _ = _read_native(p, kind, label=True)
-    original_shape = tuple(int(s) for s in arr.shape)
-    if kind == "image2d":
-        layout = "hw"
-    elif kind == "npz":
-        layout = like.meta["layout"] if like.meta["kind"] == "npz" else ("hw" if arr.ndim == 2 else "zhw")
-    else:
-        layout = "xyz" if like.meta["layout"] == "xyz" else "xy"
-    arr = _squeeze_trailing(arr, 3 if layout in ("xyz", "zhw") else 2)
-    if arr.dtype.kind not in "biuf":
-        raise _fail(p, f"unsupported label voxel type {arr.dtype}")
-    _check_values(arr, p, "label")
-    if arr.dtype.kind == "f":
-        if np.abs(arr - np.round(arr)).max() > 1e-3:
-            raise _fail(p, "label has non-integer values (an interpolated or probability map?); need integer labels")
-        arr = np.round(arr)
-    if arr.min() < 0:
-        raise _fail(p, f"label has negative values (min {arr.min():g})")
-    arr = arr.astype(np.uint8 if arr.max() <= 255 else np.int32)
-    mismatch = _fail(p, f"label shape {original_shape} does not match the image ({like.path}: "
-                        f"{like.native_shape} as stored, {like.num_slices} slices of {like.slice_shape})")
-
-    if layout == "hw":
-        if arr.ndim != 2 or tuple(arr.shape) != like.slice_shape:
-            raise mismatch
-        return np.ascontiguousarray(arr[None])
-    if layout == "xy":
-        if arr.ndim != 2 or tuple(arr.shape[::-1]) != like.slice_shape:
-            raise mismatch
-        return np.ascontiguousarray(arr.T[None])
-    if layout == "zhw":
-        if tuple(arr.shape) != (like.num_slices, *like.slice_shape):
-            raise mismatch
-        return np.ascontiguousarray(arr)
-    # xyz volume
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    native = tuple(like.native_shape) + (1,) * (3 - len(like.native_shape))
-    if tuple(arr.shape) != native:
-        raise mismatch
-    laff = np.asarray(rmeta.get("affine", np.eye(4)), dtype=float)
-    iaff = np.asarray(like.meta["native_affine"], dtype=float)
-    if laff.shape == (4, 4):
-        if _orient_codes(laff) != _orient_codes(iaff):
-            raise _fail(p, f"label voxel axes {_orient_codes(laff)} differ from the image's {_orient_codes(iaff)} "
-                           f"({like.path})")
-        if not np.allclose(laff, iaff, atol=1e-2 * max(1.0, float(np.abs(iaff[:3, :3]).max()))):
-            warnings.warn(f"{p}: label affine differs from the image's ({like.path}); using the image grid",
-                          stacklevel=2)
-    return np.ascontiguousarray(_native_to_slices(arr, like.meta))
+    return _load_label(path, like)
 
 
 def save_label_map(label_slices: np.ndarray, loaded: LoadedImage, out_path: str | os.PathLike) -> str:
-    """Write (N,H,W) label slices in the input's geometry, atomically; returns the path written.
+    """See :func:`automedsam.data.labels.save_label_map` (its home)."""
+    from .labels import save_label_map as _save_label_map
 
-    Volumes -> NIfTI (``.nii``/``.nii.gz``; uint8, the input's voxel grid and affine; a NIfTI
-    input's header is kept). 2D -> PNG (uint8, the input's H x W). A MedSAM ``.npz`` input may
-    also be answered with ``.npz`` (key ``segs``, the layout of ``imgs``).
-    """
-    import nibabel as nib
-    from PIL import Image
-
-    out = Path(out_path)
-    suffix = _suffix(out)
-    label_slices = np.asarray(label_slices)
-    if label_slices.size and (label_slices.min() < 0 or label_slices.max() > 255):
-        raise ValueError(f"label values must be 0..255 to write {out}; got {label_slices.min()}..{label_slices.max()}")
-    native = loaded.labels_to_native(label_slices).astype(np.uint8)
-
-    if suffix == ".npz" and loaded.meta["kind"] == "npz":
-        def write(tmp):
-            with open(tmp, "wb") as fh:
-                np.savez_compressed(fh, segs=native)
-    elif loaded.is_volume:
-        if suffix not in NIFTI_SUFFIXES:
-            raise ValueError(f"a label map of a volume is written as NIfTI (.nii.gz), not '{suffix}': {out}")
-        if loaded.meta["kind"] == "nifti":
-            src = nib.load(loaded.path)
-            header = src.header.copy()
-            img = nib.Nifti1Image(native, src.affine, header=header)
-            img.set_qform(src.get_qform(), code=int(src.header["qform_code"]))
-            img.set_sform(src.get_sform(), code=int(src.header["sform_code"]))
-        else:
-            img = nib.Nifti1Image(native, loaded.affine)
-        img.set_data_dtype(np.uint8)
-        img.header.set_slope_inter(1.0, 0.0)
-        img.header["cal_min"], img.header["cal_max"] = 0, max(1, int(native.max()))
-
-        def write(tmp):
-            nib.save(img, tmp)
-    else:
-        if suffix != ".png":
-            raise ValueError(f"a label map of a 2D image is written as PNG, not '{suffix}': {out}")
-        plane = label_slices[0].astype(np.uint8)
-
-        def write(tmp):
-            Image.fromarray(plane).save(tmp, format="PNG")
-
-    atomic_write(out, write)
-    return str(out)
+    return _save_label_map(label_slices, loaded, out_path)

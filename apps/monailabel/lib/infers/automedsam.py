@@ -2,7 +2,8 @@
 
 MONAI Label's ``BundleInferTask`` does the real work: it reads the bundle's
 ``configs/inference.yaml`` (network_def, preprocessing, inferer, postprocessing,
-displayable_configs) and ``models/model.pt``, and writes the request's options back into
+displayable_configs; preprocessing and postprocessing are ``automedsam.pipeline``'s, the one
+chain ``automedsam segment`` runs too, so a file reads the same here as on the command line) and ``models/model.pt``, and writes the request's options back into
 ``displayable_configs`` before each request, which is how the classes reach the bundle's
 ``ClassPromptInferer``. This subclass only adds what the bundle cannot say itself:
 
@@ -25,7 +26,7 @@ from monailabel.tasks.infer.bundle import BundleInferTask
 
 logger = logging.getLogger(__name__)
 
-IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+from automedsam.data.io import IMAGE_2D_SUFFIXES  # noqa: E402  (the one list of 2D image suffixes)
 
 
 class SqueezeLabelChannel:
