@@ -11,7 +11,10 @@ Metrics (``benchmarks/accuracy.py``'s ``summarise``, every sample scored as a 2D
 Dice/NSD per dataset/class where the class is present, empty-answer rate where it is absent,
 and every failure (Dice < 0.5) split into "presence said absent" (presence probability < 0.5:
 the mask was blanked) and "mask drawn but wrong". Per sample and class the JSON also keeps the
-presence probability, predicted IoU and mean foreground probability (issue 17's inputs).
+presence probability, predicted IoU, mean foreground probability, the count of pixels with
+probability in (0.2, 0.8) and the image's pixel count (issue 17's inputs); ``--pixels x.npz``
+also saves a uniform random sample of pixels (probability, truth) per image and class for
+``benchmarks/uncertainty.py``.
 
 Volumes (BraTS, the CT) have no test split (too few cases): their validation volume's slices
 holding the tumour/organs are used (evenly spaced, ``--max_slices``), which is not a clean test
@@ -47,6 +50,9 @@ from automedsam.classes import CLASSES, label_to_classes  # noqa: E402
 from automedsam.engine import slice_dice  # noqa: E402
 
 FAIL_DICE = 0.5  # a case with Dice below this is a failure
+PIXEL_SAMPLE = 20000  # pixels sampled per image and class with --pixels
+PIXELS: list | None = None  # (record index, probabilities, truth) per image and class with --pixels
+PIXELS_RECORDS: list = []
 EIGHT_BIT = ("endoscopy", "xray")  # modalities whose images arrive as 8-bit pictures
 
 
@@ -362,8 +368,15 @@ def score(name: str, strength, cases: list[Case], segmenter, seed: int) -> dict:
                 rec = {"dataset": case.dataset, "case": case.name, "slice": int(k) if case.is_volume else None,
                        "class": CLASSES[cid], "present": bool(gt.any()),
                        "presence": round(float(maps.presence[j, i]), 4), "iou": round(float(maps.iou[j, i]), 4),
-                       "pred_pixels": int(pred.sum()), "gt_pixels": int(gt.sum()),
-                       "mean_probability": round(float(probs[j, i][pred].mean()), 4) if pred.any() else None}
+                       "pred_pixels": int(pred.sum()), "gt_pixels": int(gt.sum()), "image_pixels": int(gt.size),
+                       "mean_probability": round(float(probs[j, i][pred].mean()), 4) if pred.any() else None,
+                       "uncertain_pixels": int(((probs[j, i] > 0.2) & (probs[j, i] < 0.8)).sum())}
+                if PIXELS is not None:  # a uniform random sample of the pixels (issue 17's ECE / error AUROC)
+                    rng = np.random.default_rng(perturbation_seed(seed, case.name, f"pixels{k}|{cid}", strength))
+                    flat = rng.choice(gt.size, size=min(PIXEL_SAMPLE, gt.size), replace=False)
+                    PIXELS.append((len(PIXELS_RECORDS), probs[j, i].ravel()[flat].astype(np.float16),
+                                   gt.ravel()[flat]))
+                    PIXELS_RECORDS.append(rec)
                 if gt.any():
                     store[(case.dataset, sample, cid)] = {0: (pred, gt)}
                     rec["dice"] = round(slice_dice(pred, gt), 4)
@@ -484,6 +497,18 @@ def write(results: dict, out: Path) -> None:
     atomic_write(out.with_suffix(".md"), lambda p: Path(p).write_text(md))
 
 
+def save_pixels(path: Path, records: list[dict]) -> None:
+    """The --pixels sample: per sampled image and class its record's index in ``records``."""
+    from automedsam.atomic import atomic_write
+
+    index = {id(r): i for i, r in enumerate(records)}
+    rec = np.concatenate([np.full(len(p), index[id(PIXELS_RECORDS[k])], dtype=np.int32) for k, p, _ in PIXELS])
+    prob = np.concatenate([p for _, p, _ in PIXELS])
+    truth = np.concatenate([t for _, _, t in PIXELS])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda p: np.savez_compressed(p, record=rec, probability=prob, truth=truth))
+
+
 def render_md(results: dict) -> str:
     order = {_key(n, st): (i, j) for i, (n, p) in enumerate(results["perturbations"].items())
              for j, st in enumerate(p["strengths"])}
@@ -560,6 +585,8 @@ def main(argv=None, segmenter=None) -> int:
     ap.add_argument("--out", default=str(RESULTS / "robustness"))
     ap.add_argument("--note", action="append", default=[], help="a line added to the results' notes")
     ap.add_argument("--write_partial", action="store_true", help="rewrite the results after each perturbation")
+    ap.add_argument("--pixels", default=None, help="also save a uniform random sample of pixels (probability, "
+                    f"truth; {PIXEL_SAMPLE} per image and class) to this .npz, for benchmarks/uncertainty.py")
     args = ap.parse_args(argv)
     try:
         if args.max_cases < 1 or args.max_slices < 1:
@@ -574,14 +601,22 @@ def main(argv=None, segmenter=None) -> int:
             datalist_path(d)
         if args.weights and not Path(args.weights).is_file():
             raise ValueError(f"{args.weights}: weights file not found")
+        if args.pixels and not args.pixels.endswith(".npz"):
+            raise ValueError(f"--pixels {args.pixels}: must end with .npz")
     except (ValueError, FileNotFoundError) as e:
         print(f"robustness.py: {e}", file=sys.stderr)
         return 2
     args.command = " ".join(["python", "benchmarks/robustness.py"] + argv)
+    global PIXELS
+    PIXELS = [] if args.pixels else None
+    PIXELS_RECORDS.clear()
     results = run(args, on_progress=(lambda r: write(r, Path(args.out))) if args.write_partial else None,
                   segmenter=segmenter)
     write(results, Path(args.out))
     print(f"wrote {Path(args.out).with_suffix('.md')} and .json", flush=True)
+    if PIXELS is not None:
+        save_pixels(Path(args.pixels), results["records"])
+        print(f"wrote {args.pixels}", flush=True)
     return 0
 
 

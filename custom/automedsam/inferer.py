@@ -25,9 +25,23 @@ class ClassMaps:
     probabilities: torch.Tensor  # (K, N, H, W) presence-blanked foreground probability
     iou: torch.Tensor  # (K, N) decoder's predicted IoU
     presence: torch.Tensor  # (K, N) presence probability
-    spread: torch.Tensor | None = None  # (K, N, H, W) per-pixel std over noise draws
+    # (K, N, H, W) with noise draws: the per-pixel uncertainty in [0, 1], the entropy of the calibrated
+    # probability combined with the draws' std (automedsam.uncertainty.pixel_uncertainty); the std
+    # itself is extras["draw_std"]
+    spread: torch.Tensor | None = None
     encoder_calls: int = 0
     extras: dict = field(default_factory=dict)
+
+    def calibrated(self, calibration=None) -> torch.Tensor:
+        """(K,N,H,W) temperature-scaled foreground probabilities (the bundle's
+        ``configs/uncertainty.json`` by default). ``probabilities`` stay raw, so the label maps
+        are the model's; calibration keeps each pixel's side of 0.5 anyway."""
+        from .classes import CLASSES
+        from .uncertainty import bundle_calibration, calibrate
+
+        cal = calibration or bundle_calibration()
+        return torch.stack([calibrate(self.probabilities[j], cal.temperature_of(CLASSES[cid]))
+                            for j, cid in enumerate(self.class_ids)]) if self.class_ids else self.probabilities
 
     def label_map(self, threshold: float = 0.5) -> torch.Tensor:
         """(N,H,W) uint8 label map; overlaps go to the most probable class."""
@@ -111,7 +125,19 @@ class ClassPromptInferer:
                 bar.update(b)
         if bar is not None:
             bar.close()
-        return ClassMaps(ids, probs, iou, presence, spread, encoder_calls=calls)
+        maps = ClassMaps(ids, probs, iou, presence, spread, encoder_calls=calls)
+        if spread is not None:
+            from .classes import CLASSES
+            from .uncertainty import bundle_calibration, pixel_uncertainty, slice_scores
+
+            cal = bundle_calibration()
+            scores = slice_scores([CLASSES[c] for c in ids], probs.numpy(), maps.label_map(self.threshold).numpy(),
+                                  ids, presence.numpy(), iou.numpy(), cal)
+            maps.extras["draw_std"] = spread
+            maps.extras["slice_scores"] = scores
+            maps.spread = torch.from_numpy(pixel_uncertainty(maps.calibrated(cal).numpy(), spread.numpy(),
+                                                             scores[:, :, None, None]))
+        return maps
 
     def _refine(self, network, emb, ids, prompts, start, geom, probs, iou, presence):
         """Add the user's box/point prompts to the class prompts of the slices they name."""

@@ -24,7 +24,8 @@ def class_statistics(label_slices: np.ndarray, class_ids: Sequence[int], iou: np
                      spacing: Sequence[float] | None = None, is_volume: bool = True,
                      native_slice: Callable[[int], int] | None = None,
                      flags: dict[int, list[str]] | None = None,
-                     voxel_ml: float | None = None) -> dict[str, dict[str, Any]]:
+                     voxel_ml: float | None = None, probabilities: np.ndarray | None = None,
+                     calibration=None) -> dict[str, dict[str, Any]]:
     """Per-class numbers for the report, keyed by class name.
 
     Args:
@@ -36,6 +37,11 @@ def class_statistics(label_slices: np.ndarray, class_ids: Sequence[int], iou: np
             when given it is used instead of the product of ``spacing``, which is too large under shear.
         native_slice: maps a slice index of ``label_slices`` to the input's own slice number.
         flags: extra flags per class id (e.g. "refined by user box").
+        probabilities: (K,N,H,W) the raw foreground probabilities (``ClassMaps.probabilities``);
+            when given, each class gets ``likely_wrong_score`` (the calibrated P(Dice < 0.5) of
+            :mod:`automedsam.uncertainty`), ``uncertain_share``, ``presence_margin`` and the flag
+            "likely wrong" when the score reaches the bundle's ``flag_threshold``.
+        calibration: an :class:`automedsam.uncertainty.Calibration` (default: the bundle's).
     """
     lab = np.asarray(label_slices)
     iou = np.asarray(iou, dtype=np.float64)
@@ -45,6 +51,10 @@ def class_statistics(label_slices: np.ndarray, class_ids: Sequence[int], iou: np
     elif voxel_ml is None and spacing is not None:
         voxel_ml = float(np.prod(spacing)) / 1000.0
     per_slice = {cid: (lab == cid).reshape(lab.shape[0], -1).sum(1) for cid in class_ids}
+    if probabilities is not None:
+        from .uncertainty import bundle_calibration
+
+        calibration = calibration or bundle_calibration()
     out: dict[str, dict[str, Any]] = {}
     for j, cid in enumerate(class_ids):
         counts = per_slice[cid]
@@ -66,6 +76,14 @@ def class_statistics(label_slices: np.ndarray, class_ids: Sequence[int], iou: np
             f.insert(0, "class not found")
         elif stats["mean_predicted_iou"] is not None and stats["mean_predicted_iou"] < LOW_IOU:
             f.append("low predicted IoU")
+        if probabilities is not None:
+            from .uncertainty import LIKELY_WRONG, calibrate, class_uncertainty
+
+            name = CLASSES[cid]
+            cal_p = calibrate(np.asarray(probabilities[j]), calibration.temperature_of(name))
+            stats.update(class_uncertainty(name, presence[j], iou[j], lab == cid, cal_p, calibration))
+            if n > 0 and stats["likely_wrong_score"] >= calibration.flag_threshold:
+                f.append(LIKELY_WRONG)
         stats["flags"] = f
         out[CLASSES[cid]] = stats
     return out

@@ -22,7 +22,8 @@ folder's name)::
     <stem>_overlay.png                     contours on the most covered (or middle) slice
     <stem>_report.json                     per-class statistics, timings, model
     <stem>_seg.dcm                         DICOM-SEG (DICOM input only, when a class was found)
-    <stem>_uncertainty.nii.gz | .png       per-pixel spread over noise draws (``uncertainty=N``)
+    <stem>_uncertainty.nii.gz | .png       per-pixel uncertainty (calibrated entropy, noise-draw spread and
+                                           the case score, see automedsam.uncertainty; ``uncertainty=N``)
 
 Every file is first written under a temporary name in the output folder and only renamed into
 place when all of an input's outputs were written, so a failure leaves nothing behind.
@@ -278,7 +279,7 @@ class Segmenter:
             spread = maps.spread.max(0).values.numpy().astype(np.float32)
         stats = class_statistics(labels, ids, maps.iou.numpy(), maps.presence.numpy(), spacing=loaded.spacing,
                                  is_volume=loaded.is_volume, native_slice=mapper.native_slice, flags=flags,
-                                 voxel_ml=loaded.voxel_ml)
+                                 voxel_ml=loaded.voxel_ml, probabilities=maps.probabilities.numpy())
         timings["postprocess_s"] = time.perf_counter() - t
         for name, st in stats.items():
             if "class not found" in st["flags"]:
