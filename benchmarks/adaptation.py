@@ -78,6 +78,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--learning-rate", type=float, default=0.1)
+    ap.add_argument("--head-learning-rate", type=float, default=3e-4, help="the new class's own head (class_adapters)")
+    ap.add_argument("--no-class-head", action="store_true", help="teach the class-table row only")
     ap.add_argument("--test-limit", type=int, default=100, help="judge on the first K test images")
     ap.add_argument("--data-dir", default=os.environ.get("AUTOMEDSAM_DATA", str(REPO.parent / "shared" / "data")))
     ap.add_argument("--cache-dir", default=os.environ.get("AUTOMEDSAM_CACHE", str(REPO / "cache")))
@@ -107,7 +109,8 @@ def main(argv=None) -> int:
             s = add_class(args.class_name, "ultrasound", datalist=REPO / "data_lists" / "hc18.json", data_dir=data,
                           output=out, bundle=src, max_cases=n, dataset="hc18", steps=args.steps,
                           batch_size=args.batch_size, learning_rate=args.learning_rate, cache_dir=args.cache_dir,
-                          seed=draw, snomed=("69536005", "Head"), colour=(255, 170, 60), progress=True)
+                          seed=draw, snomed=("69536005", "Head"), colour=(255, 170, 60), progress=True,
+                          class_head=not args.no_class_head, head_learning_rate=args.head_learning_rate)
             wall, cpu = time.time() - t0, time.process_time() - c0
             net = load_pretrained(out)  # its vocabulary (fetal_head) is now loaded
             cache = EmbeddingCache(args.cache_dir, backbone=net.backbone.name, device="cpu")
@@ -115,6 +118,7 @@ def main(argv=None) -> int:
             dice = dice_on(net, cache, test, V.CLASS_IDS[args.class_name])
             V.load_vocabulary()
             row = {"n": s["cases"], "draw": draw, "steps": args.steps, "test_images": len(test),
+                   "trained": "row" if args.no_class_head else "row + class head",
                    "dice_mean": round(float(np.mean(dice)), 4), "dice_median": round(float(np.median(dice)), 4),
                    "wall_minutes": round(wall / 60, 2), "cpu_minutes": round(cpu / 60, 2)}
             print(json.dumps(row), flush=True)

@@ -81,7 +81,7 @@ def taught(tmp_path_factory):
     images, masks = _pairs(root / "data")
     out = root / "bundle"
     summary = add_class("test_head", "ultrasound", images=images, masks=masks, output=out, steps=4, batch_size=4,
-                        negatives=(("kvasir", 1, 1),), cache_dir=root / "cache", progress=False, log=lambda m: None)
+                        class_head=True, negatives=(("kvasir", 1, 1),), cache_dir=root / "cache", progress=False, log=lambda m: None)
     V.load_vocabulary()
     return {"root": root, "images": images, "masks": masks, "out": out, "summary": summary}
 
@@ -104,6 +104,11 @@ def test_add_class_writes_a_bundle_whose_old_classes_answer_as_before(taught):
     assert torch.equal(new[table][:-1], old[table])
     assert all(torch.equal(old[k], new[k]) for k in old if k != table)
     assert not torch.equal(new[table][-1], old[table].mean(0))  # the new row was trained
+    # and its own class head (automedsam.class_adapters), a trained copy of the shared parts
+    head = {k: v for k, v in new.items() if k.startswith(f"class_heads.{new_id}.")}
+    assert head and set(head) == {k for k in new if k.startswith("class_heads.") and k not in old}
+    shared = {k: old["class_prompt_encoder." + k.split(".", 2)[2]] for k in head}
+    assert not all(torch.equal(head[k], shared[k]) for k in head)
 
     # segment with it through the Python API: the new class is known and answers in its ids
     from automedsam.segment import segment
@@ -156,7 +161,7 @@ def test_resume_and_refusals(taught, tmp_path):
     # resumable: an interrupted run (its checkpoint at step 2 of 4) carries on and ends with the
     # same weights as the uninterrupted run of the fixture
     cache = taught["root"] / "cache"
-    kw = dict(images=images, masks=masks, batch_size=4, negatives=(("kvasir", 1, 1),), cache_dir=cache,
+    kw = dict(images=images, masks=masks, batch_size=4, class_head=True, negatives=(("kvasir", 1, 1),), cache_dir=cache,
               progress=False, log=lambda m: None)
     part = tmp_path / "part"
 
@@ -184,6 +189,10 @@ def test_resume_and_refusals(taught, tmp_path):
     a = torch.load(part / "models" / "model.pt", weights_only=True)["class_prompt_encoder.class_embed.weight"]
     b = torch.load(out / "models" / "model.pt", weights_only=True)["class_prompt_encoder.class_embed.weight"]
     assert torch.allclose(a, b, atol=1e-6)
+    a = torch.load(part / "models" / "model.pt", weights_only=True)
+    b = torch.load(out / "models" / "model.pt", weights_only=True)
+    heads = [k for k in b if k.startswith("class_heads.")]
+    assert heads and all(torch.allclose(a[k], b[k], atol=1e-6) for k in heads)  # the head resumed too
 
 
 def test_grow_classes_keeps_old_rows_and_loads_older_weights():
@@ -282,3 +291,43 @@ def test_bundle_route_calls_add_class(tmp_path):
                           cwd=BUNDLE, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "class 'lungs' already exists" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "out").exists()
+
+
+def test_class_heads_route_only_their_class_and_round_trip(tmp_path):
+    """A class with its own head: old classes' outputs bit-identical, the head's id goes through the
+    head, and the head is saved in and created from the weights file."""
+    from automedsam.class_adapters import make_head
+    from automedsam.model import AutoMedSAM
+
+    torch.manual_seed(0)
+    kw = dict(num_classes=3, prompt_encoder={"channels": [8, 16], "class_dim": 16, "layout": "shared_trunk"},
+              decoder_runtime="eager")
+    net = AutoMedSAM(**kw).eval()
+    emb = 0.1 * torch.randn(2, 256, 64, 64)
+    with torch.no_grad():
+        before = net.decode_classes(emb, [1, 2, 3])
+        net.class_heads["3"] = make_head(net.class_prompt_encoder)
+        for p in net.class_heads["3"].parameters():
+            p.add_(0.05 * torch.randn_like(p))  # a head that differs from the shared parts
+        for skip in (False, True):
+            after = net.decode_classes(emb, [1, 2, 3], skip_absent=skip)
+            ref = net.decode_classes(emb, [1, 2, 3], skip_absent=False) if skip else before
+            old = torch.tensor([0, 1, 3, 4])  # class-major within each embedding: ids 1, 2 of both
+            # asked beside the headed class, old items run in a smaller batch: equal to float rounding
+            assert torch.allclose(after.probabilities()[old], (ref if skip else before).probabilities()[old], atol=1e-5)
+        assert torch.allclose(after.presence_logit[old], before.presence_logit[old], atol=1e-5)
+        assert not torch.equal(after.presence_logit[[2, 5]], before.presence_logit[[2, 5]])
+        one = net.decode(emb[:1], [3])  # the training path routes through the head too
+        assert torch.allclose(one.presence_logit, after.presence_logit[2:3], atol=1e-5)
+        old_only = net.decode_classes(emb, [1, 2])  # asked alone (as a modality's classes are): bit for bit
+        ref = AutoMedSAM(**kw).eval()
+        ref.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("class_heads.")})
+        ref_only = ref.decode_classes(emb, [1, 2])
+        assert torch.equal(old_only.logits, ref_only.logits) and torch.equal(old_only.presence_logit, ref_only.presence_logit)
+    state = net.trainable_state_dict()
+    assert any(k.startswith("class_heads.3.") for k in state)
+    torch.save(state, tmp_path / "model.pt")
+    again = AutoMedSAM(**kw).eval()
+    again.load_trainable(tmp_path / "model.pt")
+    with torch.no_grad():
+        assert torch.equal(again.decode_classes(emb, [1, 2, 3]).presence_logit, after.presence_logit)

@@ -86,11 +86,12 @@ PLAN: list[tuple[str, str]] = [
     (r"python -m monai\.bundle verify_net_in_out export_net --config_file bundles/automedsam/configs/inference\.yaml "
      r"--meta_file bundles/automedsam/configs/metadata\.json --device cpu$", "run:verify_net"),
     (r"python benchmarks/", "skip:" + SKIP_LONG),
-    # adding a class (automedsam.adapt, configs/add_class.yaml): documented while this test was
-    # written; not run here yet - its owner should replace these with run entries
-    (r"python -c \"from automedsam\.adapt import add_class; |python -m monai\.bundle run training --config_file "
-     r"\"\['configs/train\.yaml','configs/add_class\.yaml'\]\" |automedsam segment scan\.png --bundle my_bundle ",
-     "skip:adding a class: not run by this test yet (new feature, see its own tests)"),
+    # adding a class trains for minutes: tests/test_add_class.py adds one to a copy of the bundle from
+    # 4 real images through the same add_class and segments with it, test_add_class_cli.py checks
+    # the command line reaches it, and the bundle route's test there runs add_class.yaml
+    (r"automedsam add-class |python -c \"from automedsam\.adapt import add_class; |python -m monai\.bundle run "
+     r"training --config_file \"\['configs/train\.yaml','configs/add_class\.yaml'\]\" |automedsam segment scan\.png "
+     r"--bundle my_bundle ", "skip:adding a class trains for minutes (tests/test_add_class.py runs it on 4 images)"),
     (r"torchrun ", "skip:" + SKIP_DIST),
     (r"python3\.11 -m venv|pip install|SAM2_BUILD_CUDA=0 pip install", "skip:" + SKIP_INSTALL),
     (r"\. \.venv-monailabel/bin/activate$", "skip:" + SKIP_INSTALL),

@@ -13,7 +13,9 @@ What it does (one home for the CLI's ``automedsam add-class`` and the bundle's `
    project's :class:`~automedsam.data.cache.EmbeddingCache`, plus a few cached slices of the
    shared development data of *other* modalities as negatives (the new class asked of them must
    answer "not here");
-4. trains the new class's row of the class table only, everything else frozen, on the joint loss
+4. trains the new class's row of the class table and (``class_head``, default) its own copy of
+   the class prompt encoder's class-dependent parts (:mod:`automedsam.class_adapters`, used for
+   its id only), everything else frozen, on the joint loss
    of training (region + pixel + distillation from the box-prompted teacher + presence): the old
    classes' answers are the same bit for bit, by construction (checked before writing);
 5. writes the new bundle: ``configs/classes.json``, ``configs/metadata.json``'s ``channel_def``,
@@ -187,6 +189,7 @@ def add_class(name: str, modality: str, images: str | os.PathLike | None = None,
               dataset: str | None = None, steps: int = 100, batch_size: int = 4, learning_rate: float = 0.1,
               negative_ratio: float = 0.5, negatives=DEFAULT_NEGATIVES, cache_dir: str | os.PathLike | None = None,
               num_views: int = 1, device: str = "cpu", seed: int = 0, progress: bool = True,
+              class_head: bool = True, head_learning_rate: float = 3e-4,
               checkpoint_every: int = 25,
               log=print) -> dict:
     """Add class ``name`` (of ``modality``) to a copy of ``bundle`` written to ``output``.
@@ -208,6 +211,9 @@ def add_class(name: str, modality: str, images: str | os.PathLike | None = None,
         cache_dir: the embedding cache (default ``$AUTOMEDSAM_CACHE`` or ``cache``).
         num_views: views per new image in the cache: the plain one and ``num_views - 1`` augmented
             ones (:mod:`automedsam.data.augment`); each costs one encoder pass.
+        class_head: give the class its own copy of the class prompt encoder's class-dependent
+            parts (:mod:`automedsam.class_adapters`), trained with ``head_learning_rate``, besides
+            its row; False: the row only.
 
     Returns a summary dict (class id, cases, steps, seconds, output paths, final loss).
     """
@@ -264,7 +270,8 @@ def add_class(name: str, modality: str, images: str | os.PathLike | None = None,
     options = {"name": key, "modality": mod, "class_id": new_id, "source_bundle": str(src.resolve()),
                "cases": [[str(a), str(b)] for a, b in pairs], "steps": int(steps), "batch_size": int(batch_size),
                "learning_rate": float(learning_rate), "negative_ratio": float(negative_ratio), "seed": int(seed),
-               "dataset": dataset, "num_views": int(num_views)}
+               "dataset": dataset, "num_views": int(num_views), "class_head": bool(class_head),
+               "head_learning_rate": float(head_learning_rate)}
     work = out / WORK
     state_file, ckpt_file = work / "options.json", work / "checkpoint.pt"
     if out.exists():
@@ -322,14 +329,22 @@ def add_class(name: str, modality: str, images: str | os.PathLike | None = None,
         keep = torch.zeros_like(table)
         keep[n_old:] = 1.0
         table.register_hook(lambda g: g * keep)
+        groups = [{"params": [table], "lr": float(learning_rate)}]
+        if class_head:  # its own copy of the class-dependent parts, used for its id only
+            from .class_adapters import make_head
+
+            net.class_heads[str(new_id)] = make_head(net.class_prompt_encoder).to(device).requires_grad_(True)
+            groups.append({"params": list(net.class_heads[str(new_id)].parameters()), "lr": float(head_learning_rate)})
         loss_fn = UncertaintyWeightedLoss(terms=("region", "pixel", "distill", "presence"), learn_weights=False)
-        opt = torch.optim.Adam([table], lr=float(learning_rate))
+        opt = torch.optim.Adam(groups)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=int(steps))
         step, history = 0, []
         if ckpt_file.is_file():
             ck = torch.load(ckpt_file, map_location=device, weights_only=False)
             with torch.no_grad():
                 table[n_old:] = ck["rows"].to(table)
+            if class_head:
+                net.class_heads[str(new_id)].load_state_dict(ck["head"])
             opt.load_state_dict(ck["optimizer"])
             sched.load_state_dict(ck["scheduler"])
             step, history = int(ck["step"]), list(ck["history"])
@@ -360,6 +375,7 @@ def add_class(name: str, modality: str, images: str | os.PathLike | None = None,
                 bar.set_postfix(loss=f"{np.mean(history[-20:]):.3f}")
                 if step % int(checkpoint_every) == 0 or step == int(steps):
                     save_atomic({"step": step, "rows": table.detach()[n_old:].cpu(), "optimizer": opt.state_dict(),
+                                 "head": net.class_heads[str(new_id)].state_dict() if class_head else None,
                                  "scheduler": sched.state_dict(), "history": history}, ckpt_file)
         finally:
             bar.close()

@@ -63,7 +63,7 @@ def _add(p: argparse.ArgumentParser, name: str, **kw) -> None:
 
 
 def _num_views(text: str):
-    from .data.cache import parse_num_views
+    from .data.augment import parse_num_views
 
     try:
         return parse_num_views(text)
@@ -90,9 +90,10 @@ def build_parser() -> dict[str, _Parser]:
                   formatter_class=argparse.RawDescriptionHelpFormatter,
                   epilog="commands:\n  segment   segment images or volumes by class name\n"
                          "  cache     encode a datalist's slices once into the embedding cache\n"
-                         "  demo      segment one sample per domain with the shipped weights\n\n"
+                         "  demo      segment one sample per domain with the shipped weights\n"
+                         "  add-class teach a new class from a few labelled images (a new bundle)\n\n"
                          f"`{PROG} COMMAND --help` lists each command's options.")
-    top.add_argument("command", choices=("segment", "cache", "demo"), metavar="COMMAND")
+    top.add_argument("command", choices=("segment", "cache", "demo", "add-class"), metavar="COMMAND")
 
     seg = _Parser(prog=f"{PROG} segment", description=SEGMENT_HELP, allow_abbrev=False,
                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -162,7 +163,87 @@ def build_parser() -> dict[str, _Parser]:
     _add(demo, "overwrite", action=argparse.BooleanOptionalAction, default=True,
          help="replace earlier demo outputs (default: yes)")
     _add(demo, "quiet", action="store_true", help="no progress bars")
-    return {"": top, "segment": seg, "cache": cache, "demo": demo}
+    return {"": top, "segment": seg, "cache": cache, "demo": demo, "add-class": _add_class_parser()}
+
+
+def _colour(text: str) -> tuple[int, int, int]:
+    parts = text.split(",")
+    try:
+        rgb = tuple(int(v) for v in parts)
+    except ValueError:
+        rgb = ()
+    if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
+        raise argparse.ArgumentTypeError(f"--colour must be R,G,B with three whole numbers 0..255, got {text!r}")
+    return rgb
+
+
+def _snomed(text: str) -> tuple[str, str]:
+    code, sep, meaning = text.partition(":")
+    if not sep or not code.strip().isdigit() or not meaning.strip():
+        raise argparse.ArgumentTypeError(f"--snomed must be CODE:MEANING (a SNOMED CT code, e.g. 69536005:Head), "
+                                         f"got {text!r}")
+    return code.strip(), meaning.strip()
+
+
+def _positive(what: str, kind=float) -> Callable[[str], float]:
+    def parse(text: str):
+        try:
+            v = _whole(what)(text) if kind is int else float(text)
+        except (ValueError, argparse.ArgumentTypeError):
+            raise argparse.ArgumentTypeError(f"{what} must be a {'whole ' if kind is int else ''}number > 0, "
+                                             f"got {text!r}") from None
+        if not v > 0:
+            raise argparse.ArgumentTypeError(f"{what} must be > 0, got {text!r}")
+        return v
+
+    return parse
+
+
+ADD_CLASS_HELP = """\
+Teach the model a new class from a few labelled images and write a new bundle (the source bundle
+is not changed). The new class's images and masks are encoded into the embedding cache, then only
+what the new class owns is trained, with slices of the other modalities as negatives; the old
+classes answer as before, bit for bit (checked before writing). Resumable: run the same command
+again after an interruption. Every option, the name and every image/mask pair are checked before
+any work.
+"""
+
+
+def _add_class_parser() -> _Parser:
+    ac = _Parser(prog=f"{PROG} add-class", description=ADD_CLASS_HELP, allow_abbrev=False,
+                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                 epilog=f"example: {PROG} add-class fetal_head --modality ultrasound --images imgs/ --masks masks/ "
+                        f"--max_cases 20 --output my_bundle")
+    ac.add_argument("name", nargs="?", metavar="NAME", help="the new class (lower case, '_' for spaces)")
+    _add(ac, "modality", metavar="M", help="its modality (a vocabulary modality or a new one: min-max normalised)")
+    _add(ac, "images", metavar="DIR", help="folder of images (with --masks; matched by file name)")
+    _add(ac, "masks", metavar="DIR", help="folder of their masks (a.png <-> a.png or a_mask.png/a_seg.png)")
+    _add(ac, "datalist", metavar="JSON", help="instead of --images/--masks: a Decathlon-style datalist "
+                                              "('training' entries with image and label)")
+    _add(ac, "data_dir", metavar="DIR", help="the datalist's base folder (default: $AUTOMEDSAM_DATA or ../shared/data)")
+    _add(ac, "output", metavar="DIR", help="the new bundle's folder (must not exist, or hold an unfinished run)")
+    _add(ac, "bundle", metavar="DIR", help="the source bundle (default: $AUTOMEDSAM_BUNDLE or bundles/automedsam)")
+    _add(ac, "max_cases", type=_positive("--max_cases", int), metavar="N", help="teach from a seeded draw of N images")
+    _add(ac, "aliases", metavar="A,B", help="other spellings of the class, comma-separated")
+    _add(ac, "colour", type=_colour, metavar="R,G,B", help="overlay colour")
+    _add(ac, "snomed", type=_snomed, metavar="CODE:MEANING",
+         help="SNOMED CT concept for DICOM-SEG (default: Anatomical Structure)")
+    _add(ac, "dataset", metavar="NAME", help="dataset name of the label rule written (default added_NAME)")
+    _add(ac, "steps", type=_positive("--steps", int), default=100, metavar="N", help="training steps (default 100)")
+    _add(ac, "batch_size", type=_positive("--batch_size", int), default=4, metavar="N", help="default 4")
+    _add(ac, "learning_rate", type=_positive("--learning_rate"), default=0.1, metavar="F", help="default 0.1")
+    _add(ac, "num_views", type=_positive("--num_views", int), default=1, metavar="K",
+         help="views per new image: the plain one and K-1 augmented ones (default 1)")
+    _add(ac, "class_head", action=argparse.BooleanOptionalAction, default=None,
+         help="give the class its own copy of the class prompt encoder's class-dependent parts, trained with "
+              "its row (default: add_class's)")
+    _add(ac, "head_learning_rate", type=_positive("--head_learning_rate"), metavar="F",
+         help="learning rate of the class head (default: add_class's)")
+    _add(ac, "cache_dir", metavar="DIR", help="the embedding cache (default: $AUTOMEDSAM_CACHE or cache)")
+    _add(ac, "device", default="cpu", metavar="cpu|cuda|cuda:N", help="where it runs (default cpu)")
+    _add(ac, "seed", type=_whole("--seed"), default=0, metavar="S", help="draw and training seed (default 0)")
+    _add(ac, "quiet", action="store_true", help="no progress bars")
+    return ac
 
 
 _BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
@@ -274,8 +355,43 @@ def run_demo(ns: argparse.Namespace) -> int:
     return 0
 
 
+def run_add_class(ns: argparse.Namespace) -> int:
+    from .adapt import AddClassError, add_class
+
+    if not ns.name:
+        raise _UsageError(f"no class NAME given ({PROG} add-class NAME --modality M ... --output DIR)")
+    if not ns.modality:
+        raise _UsageError("no modality given (--modality M, e.g. ultrasound)")
+    if not ns.output:
+        raise _UsageError("no output folder given (--output DIR)")
+    folders = ns.images is not None or ns.masks is not None
+    if folders and ns.datalist is not None:
+        raise _UsageError("give either --images and --masks, or --datalist, not both")
+    if not folders and ns.datalist is None:
+        raise _UsageError("no training data given (--images DIR --masks DIR, or --datalist JSON)")
+    if folders and (ns.images is None or ns.masks is None):
+        raise _UsageError("--images needs --masks (and --masks needs --images)")
+    if ns.data_dir is not None and ns.datalist is None:
+        raise _UsageError("--data_dir goes with --datalist")
+    if not ns.device.startswith("cuda") and ns.device != "cpu":
+        raise _UsageError(f"--device must be cpu, cuda or cuda:N, got {ns.device!r}")
+    aliases = [a.strip() for a in (ns.aliases or "").split(",") if a.strip()]
+    head = {k: getattr(ns, k) for k in ("class_head", "head_learning_rate") if getattr(ns, k) is not None}
+    try:
+        add_class(ns.name, ns.modality, images=ns.images, masks=ns.masks, output=ns.output, datalist=ns.datalist,
+                  data_dir=ns.data_dir, bundle=ns.bundle, max_cases=ns.max_cases, aliases=aliases, colour=ns.colour,
+                  snomed=ns.snomed, dataset=ns.dataset, steps=ns.steps, batch_size=ns.batch_size,
+                  learning_rate=ns.learning_rate, cache_dir=ns.cache_dir, num_views=ns.num_views, device=ns.device,
+                  seed=ns.seed, progress=not ns.quiet, **head,
+                  log=lambda m: print(m, file=sys.stderr, flush=True))
+    except AddClassError as e:
+        _err(str(e))
+        return 2
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"segment": run_segment, "cache": run_cache,
-                                                            "demo": run_demo}
+                                                            "demo": run_demo, "add-class": run_add_class}
 
 
 def _quiet_third_party() -> None:
