@@ -203,6 +203,14 @@ def report(cache_dir: str = "cache", variants: str = ",".join(VARIANTS), runs_di
     _write(res, Path(out))
 
 
+def rewrite(results: str = str(RESULTS / "ablations.json")):
+    """Write the .md (and the paired intervals into the .json) again from a results file, without
+    retraining or re-evaluating."""
+    res = json.loads(Path(results).read_text())
+    res.pop("intervals_of", None)
+    _write(res, Path(results).with_suffix(""))
+
+
 def run_all(cache_dir: str = "cache", variants: str = ",".join(VARIANTS), runs_dir: str = "runs/ablations",
             epochs: int = 6, batch_size: int = 8, learning_rate: float = 2e-4, num_workers: int = 0,
             parallel: int = 1, cache_workers: int = 1, max_cases: int | None = None, device: str | None = None,
@@ -211,6 +219,36 @@ def run_all(cache_dir: str = "cache", variants: str = ",".join(VARIANTS), runs_d
     cache(cache_dir, workers=cache_workers, max_cases=max_cases)
     train(cache_dir, variants, runs_dir, epochs, batch_size, learning_rate, num_workers, parallel, max_cases)
     report(cache_dir, variants, runs_dir, device=device, max_cases=max_cases, out=out)
+
+
+MIN_CASES = 40  # rows with fewer cases (the one CT volume, one BraTS volume) are shown, never averaged or compared
+
+
+def paired_intervals(res: dict, reference: str = "full", min_cases: int = MIN_CASES, n_boot: int = 10000,
+                     seed: int = 0) -> dict:
+    """Per variant and row with at least ``min_cases`` paired cases: the mean of (variant - reference)
+    Dice over the cases both were judged on, with a paired bootstrap 95% interval (cases resampled
+    together, ``n_boot`` draws, fixed seed), and whether the interval excludes 0."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ref = res["methods"].get(reference, {})
+    out: dict = {}
+    for name, rows in res["methods"].items():
+        if name in (reference, "box_oracle") or name not in res.get("variants", {}):
+            continue
+        for row, r in rows.items():
+            a, b = r.get("dice_per_case") or {}, ref.get(row, {}).get("dice_per_case") or {}
+            common = sorted(set(a) & set(b))
+            if len(common) < min_cases:
+                continue
+            d = np.array([a[c] - b[c] for c in common], dtype=float)
+            boots = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(1)
+            lo, hi = np.percentile(boots, [2.5, 97.5])
+            out.setdefault(name, {})[row] = {"n": len(common), "mean_diff": round(float(d.mean()), 4),
+                                             "ci95": [round(float(lo), 4), round(float(hi), 4)],
+                                             "excludes_zero": bool(lo > 0 or hi < 0)}
+    return out
 
 
 def _write(res: dict, out: Path) -> None:
@@ -240,11 +278,35 @@ def _write(res: dict, out: Path) -> None:
         cells = [f"{res['methods'][m][k]['dice']:.3f}" if "dice" in res["methods"][m].get(k, {}) else "-"
                  for m in names + ["box_oracle"]]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    big = [k for k in rows if min(res["methods"][m].get(k, {}).get("n", 0) for m in names) >= MIN_CASES]
     means = []
     for m in names:
-        d = [res["methods"][m][k]["dice"] for k in rows if "dice" in res["methods"][m].get(k, {})]
+        d = [res["methods"][m][k]["dice"] for k in big if "dice" in res["methods"][m].get(k, {})]
         means.append(f"{sum(d) / len(d):.3f}" if d else "-")
-    lines.append("| **mean over rows** | " + " | ".join(means) + " | |")
+    lines.append(f"| **mean over rows with n >= {MIN_CASES}** ({', '.join(big) or 'none'}) | " + " | ".join(means)
+                 + " | |")
+    lines += ["", f"Rows with n < {MIN_CASES} (one volume each: the CT is also the training volume) are shown for "
+              "completeness and enter no mean and no comparison."]
+    if "reference" not in res.get("intervals_of", {}) and "full" in names:
+        res["intervals"] = paired_intervals(res)
+        res["intervals_of"] = {"reference": "full", "min_cases": MIN_CASES, "n_boot": 10000, "seed": 0}
+        out.with_suffix(".json").write_text(json.dumps(res, indent=2))
+    if res.get("intervals"):
+        seeds = res.get("seeds", 1)
+        lines += ["", f"Variant minus full, paired over the same cases, bootstrap 95% interval "
+                  f"({res['intervals_of']['n_boot']} draws, seed {res['intervals_of']['seed']}); {seeds} training "
+                  f"seed{'s' if seeds != 1 else ''} per variant. **bold**: the interval excludes 0.", "",
+                  "| variant | " + " | ".join(f"{k} (n)" for k in big) + " |", "|---|" + "---|" * len(big)]
+        for m, by_row in res["intervals"].items():
+            cells = []
+            for k in big:
+                iv = by_row.get(k)
+                if iv is None:
+                    cells.append("-")
+                    continue
+                text = f"{iv['mean_diff']:+.3f} [{iv['ci95'][0]:+.3f}, {iv['ci95'][1]:+.3f}] ({iv['n']})"
+                cells.append(f"**{text}**" if iv["excludes_zero"] else text)
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += ["", "Empty answers where the class is absent, all classes together: in-modality | cross-domain.", "",
               "| variant | in-modality | cross-domain |", "|---|---|---|"]
     for m in names:
@@ -260,4 +322,4 @@ def _write(res: dict, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    fire.Fire({"cache": cache, "train": train, "report": report, "all": run_all})
+    fire.Fire({"cache": cache, "train": train, "report": report, "all": run_all, "rewrite": rewrite})
