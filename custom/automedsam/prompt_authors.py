@@ -100,6 +100,7 @@ class AuthorsClassPromptEncoder(nn.Module):
         self.sparse_out = nn.AdaptiveAvgPool2d((2, 1))
         self.presence_head = nn.Sequential(nn.Linear(128 + 1, 64), nn.ReLU(), nn.Linear(64, 1)) if presence else None
         self.noise_seed = noise_seed
+        self.reverse = None  # no S-step reverse diffusion of the sparse prompt in the authors' encoder
         self.register_buffer("eval_noise", self._summed_chain_noise(), persistent=False)
 
     def step_noises(self, shape=None, generator: torch.Generator | None = None) -> list[torch.Tensor]:
@@ -133,10 +134,13 @@ class AuthorsClassPromptEncoder(nn.Module):
         return x
 
     def forward(self, embeddings: torch.Tensor, class_ids, noise: torch.Tensor | None = None,
-                t: torch.Tensor | None = None, skip_absent: bool = False) -> Prompts:
+                t: torch.Tensor | None = None, skip_absent: bool = False, x0: torch.Tensor | None = None,
+                reverse_noise: torch.Tensor | None = None) -> Prompts:
         """Prompts for one class per embedding. Training runs the chain with fresh draws; evaluation
         adds the fixed draws' sum (the same chain, computed once). ``noise`` (B,C,H,W), standard
-        normal: one draw of the chain's summed noise (its scale is applied here), for sampling."""
+        normal: one draw of the chain's summed noise (its scale is applied here), for sampling.
+        ``x0``/``reverse_noise`` belong to the S-step reverse diffusion, which this encoder does not
+        have (``reverse`` is None): ignored, as the one-pass encoder of ours ignores them."""
         class_ids = torch.as_tensor(class_ids, device=embeddings.device).long().reshape(-1)
         if class_ids.numel() != embeddings.shape[0]:
             raise ValueError(f"need one class id per embedding: {class_ids.numel()} ids, {embeddings.shape[0]} embeddings")
