@@ -37,7 +37,7 @@ OUTPUT_KINDS = {
     "uncertainty_nifti": "_uncertainty.nii.gz",
     "uncertainty_png": "_uncertainty.png",
 }
-UNCERTAINTY_PNG_SCALE = 510.0  # PNG value = std * 510 (a probability's std is at most 0.5)
+UNCERTAINTY_PNG_SCALE = 255.0  # PNG value = uncertainty * 255 (the map is in [0, 1], see automedsam.uncertainty)
 
 
 def output_paths(output_dir: str | os.PathLike, stem: str) -> dict[str, Path]:
@@ -241,7 +241,7 @@ def write_outputs(result: SegmentationResult, output_dir: str | os.PathLike, ove
                 written["uncertainty"] = paths["uncertainty_png"]
                 u8 = np.clip(np.round(result.uncertainty[0] * UNCERTAINTY_PNG_SCALE), 0, 255).astype(np.uint8)
                 staged.write(paths["uncertainty_png"], lambda tmp: Image.fromarray(u8).save(tmp, format="PNG"))
-                report["uncertainty_png_scale"] = f"pixel value / {UNCERTAINTY_PNG_SCALE:g} = std of probability"
+                report["uncertainty_png_scale"] = f"pixel value / {UNCERTAINTY_PNG_SCALE:g} = uncertainty (0..1)"
         if seg is not None:
             from .dicomseg import write_dicom_seg
 
