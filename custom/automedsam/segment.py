@@ -31,7 +31,6 @@ place when all of an input's outputs were written, so a failure leaves nothing b
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 import warnings
@@ -87,17 +86,6 @@ def _keep_largest(mask: np.ndarray, n: int) -> np.ndarray:
 
 # classes made of more than one connected part: how many the clean-up keeps
 COMPONENTS_KEPT = {"lungs": 2}
-
-
-def _file_sha(path: Path) -> str | None:
-    try:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            while block := fh.read(1 << 20):
-                h.update(block)
-        return h.hexdigest()[:16]
-    except OSError:
-        return None
 
 
 # --------------------------------------------------------------------------------------------
