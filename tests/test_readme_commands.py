@@ -75,7 +75,7 @@ PLAN: list[tuple[str, str]] = [
      r"\"\['kvasir','shenzhen'\]\" --max_cases 4 --train#trainer#max_epochs 1 --output_dir runs/short$", "run:train_short"),
     (r"python -m monai\.bundle run training --config_file bundles/automedsam/configs/train\.yaml --init_weights "
      r"bundles/automedsam/models/model\.pt --output_dir runs/finetune$", "run:train_finetune"),
-    (r"python -m monai\.bundle run evaluate --config_file \"\['bundles/automedsam/configs/train\.yaml',"
+    (r"python -m monai\.bundle run evaluate --config_file \"\['bundles/automedsam/configs/inference\.yaml',"
      r"'bundles/automedsam/configs/evaluate\.yaml'\]\"$", "run:evaluate"),
     (r"python -m monai\.bundle run inference --config_file bundles/automedsam/configs/inference\.yaml --input "
      r"scan\.nii\.gz$", "run:inference"),
@@ -238,7 +238,7 @@ def test_bundle_cache_training_and_evaluation(copy):
     sh(copy, command("train_finetune"), *SHORT, "--train#trainer#max_epochs", "1")
     assert (root / "runs" / "finetune" / "model.pt").is_file()
     proc = sh(copy, command("evaluate"), *SHORT)
-    with open(root / "runs" / "train" / "eval" / "metrics.csv") as fh:
+    with open(root / "outputs" / "eval" / "metrics.csv") as fh:
         rows = fh.read().splitlines()
     assert len(rows) == 2 and rows[1].split(",")[4] == "polyp", rows
     assert "[1/1]" in proc.stderr and "done in" in proc.stderr  # progress per case

@@ -104,13 +104,13 @@ options (config ids, given as --id value):
   --dataset_dir DIR     data folder (default: $AUTOMEDSAM_DATA or ../shared/data)
 MONAI's own help for `run`: python -m monai.bundle run -- --help""",
     "evaluate": """\
-AutoMedSAM bundle evaluation (configs/train.yaml + configs/evaluate.yaml)
+AutoMedSAM bundle evaluation (configs/inference.yaml + configs/evaluate.yaml)
   python -m monai.bundle run evaluate --config_file \\
-      "['bundles/automedsam/configs/train.yaml','bundles/automedsam/configs/evaluate.yaml']" [options]
+      "['bundles/automedsam/configs/inference.yaml','bundles/automedsam/configs/evaluate.yaml']" [options]
 options (config ids, given as --id value):
   --ckpt_path FILE      weights (default: <bundle_root>/models/model.pt)
-  --eval_dir DIR        metrics.csv, summary.json, summary.md (default: <output_dir>/eval)
-  --datalists [...]     --max_cases N    --eval_split validation
+  --eval_dir DIR        metrics.csv, summary.json, summary.md (default: outputs/eval)
+  --datalists [...]     --max_cases N    --eval_split validation   --dataset_dir DIR
   --save_predictions true   also write the label maps to eval_dir
 MONAI's own help for `run`: python -m monai.bundle run -- --help""",
 }
