@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -29,6 +31,8 @@ CASES = {  # dataset: (image, label, slice, class, modality)
     "totalseg": ("abdomen-ct/totalseg-example/ct.nii.gz", "abdomen-ct/totalseg-example/label.nii.gz", 15, "liver",
                  "ct"),
 }
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def dice(a, b) -> float:
@@ -126,3 +130,42 @@ def test_config_key():
     assert PreprocessConfig("US").key().endswith("ultrasound-minmax-s256")
     with pytest.raises(AttributeError):
         a.size = 3  # frozen
+
+
+def test_ct_and_mr_defaults_have_one_home_the_vocabulary():
+    """The CT window and MR percentiles come from configs/classes.json alone: a vocabulary with
+    another CT window changes the cache's PreprocessConfig, normalise() and the pipeline's
+    NormaliseModalityd together (and the bundle's inference.yaml leaves them null)."""
+    import copy
+
+    import yaml
+
+    from automedsam import classes as vocabulary
+    from automedsam.data.preprocess import normalisation_defaults, normalise
+    from automedsam.transforms import NormaliseModalityd
+
+    cfg = yaml.safe_load((REPO / "bundles" / "automedsam" / "configs" / "inference.yaml").read_text())
+    assert [cfg[k] for k in ("ct_level", "ct_width", "mr_lower", "mr_upper")] == [None] * 4
+    data = vocabulary.read_vocabulary(vocabulary.default_vocabulary_path())
+    ct = data["modalities"]["ct"]
+    assert normalisation_defaults() == {"ct_level": ct["level"], "ct_width": ct["width"],
+                                        "mr_lower": data["modalities"]["mr"]["lower"],
+                                        "mr_upper": data["modalities"]["mr"]["upper"]}
+    hu = np.linspace(-200, 300, 64, dtype=np.float32).reshape(1, 8, 8, 1)
+    before = normalise(hu, "ct")
+    other = copy.deepcopy(data)
+    other["modalities"]["ct"].update(level=0.0, width=100.0)
+    try:
+        vocabulary.load_vocabulary(other)
+        assert PreprocessConfig("ct").ct_level == 0.0 and PreprocessConfig("ct").key() == "v1-ct0_100-s256"
+        changed = normalise(hu, "ct")
+        assert not np.allclose(changed, before)
+        np.testing.assert_array_equal(changed, normalise(hu, "ct", ct_level=0.0, ct_width=100.0))
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(hu[0], -1, 0)))  # (1,8,8)
+        out = NormaliseModalityd("image", modality="ct")({"image": x})["image"]
+        np.testing.assert_array_equal(np.moveaxis(np.asarray(out), 0, -1), changed[0])
+    finally:
+        vocabulary.load_vocabulary()
+    assert PreprocessConfig("ct").key() == "v1-ct40_400-s256"

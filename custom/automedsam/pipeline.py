@@ -42,7 +42,8 @@ def loading(keys="image", orientation: str | None = "LPS", labels: bool = False,
 
 
 def preprocessing(keys="image", orientation: str | None = "LPS", modality: str | None = None,
-                  ct_level: float = 40.0, ct_width: float = 400.0, mr_lower: float = 0.5, mr_upper: float = 99.5,
+                  ct_level: float | None = None, ct_width: float | None = None, mr_lower: float | None = None,
+                  mr_upper: float | None = None,
                   label_keys=None, dataset_classes: bool = False, **load_kwargs):
     """The whole chain as a ``Compose``: file name(s) in ``keys`` -> (3,H,W[,N]) in [0, 1].
 

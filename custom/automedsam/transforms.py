@@ -76,7 +76,7 @@ def _filename(img) -> str:
 
 
 class LoadInputd(LoadImaged):
-    """The pipeline's first step (:mod:`automedsam.pipeline`): :func:`automedsam.data.io.read_checked`,
+    """The pipeline's first step (:mod:`automedsam.pipeline`): :func:`automedsam.data.reader.read_checked`,
     i.e. the checks that make bad input fail in one line naming the file (kind by content,
     voxel limit from the header before the data is read, NaN/Inf, constant image, degenerate
     affine, DICOM notes), then MONAI ``LoadImage`` with the reader of the file's kind (NIfTI:
@@ -100,7 +100,7 @@ class LoadInputd(LoadImaged):
         self.max_voxels, self.info_key = max_voxels, info_key
 
     def __call__(self, data, reader=None):
-        from .data.io import read_checked
+        from .data.reader import read_checked
 
         d = dict(data)
         for key in self.key_iterator(d):
@@ -236,12 +236,13 @@ class NormaliseModalityd(MapTransform):
     (datalist entries carry it), else guessed from the values as ``automedsam segment`` does
     (DICOM Modality tag, HU-like values -> CT, ...). It is written to the image's meta
     (``meta["modality"]``, where :class:`~automedsam.inferer.ClassPromptInferer` finds it) and to
-    the data (``modality_key``). RGBA/grey+alpha arrays lose their alpha channel.
+    the data (``modality_key``). RGBA/grey+alpha arrays lose their alpha channel. CT/MR parameters
+    left None: the vocabulary's (:func:`automedsam.data.preprocess.normalisation_defaults`).
     """
 
     def __init__(self, keys: KeysCollection, modality: str | None = None, modality_key: str = "modality",
-                 ct_level: float = 40.0, ct_width: float = 400.0, mr_lower: float = 0.5, mr_upper: float = 99.5,
-                 allow_missing_keys: bool = False):
+                 ct_level: float | None = None, ct_width: float | None = None, mr_lower: float | None = None,
+                 mr_upper: float | None = None, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.modality = check_modality(modality) if modality else None
         self.modality_key = modality_key
@@ -344,8 +345,10 @@ class SaveLabelMapd(SaveImaged):
 
 def _spacing(img, rank: int) -> tuple[float, ...]:
     if isinstance(img, MetaTensor):
-        a = np.asarray(img.affine, dtype=float)
-        return tuple(float(s) for s in np.linalg.norm(a[:rank, :rank], axis=0))
+        from monai.data.utils import affine_to_spacing
+
+        sp = affine_to_spacing(np.asarray(img.affine, dtype=float), r=rank, dtype=float, suppress_zeros=False)
+        return tuple(float(s) for s in sp)
     return (1.0,) * rank
 
 

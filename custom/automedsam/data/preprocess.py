@@ -4,7 +4,8 @@ The steps, as MedSAM does them:
 
 1. ``normalise``: modality intensity mapping to [0, 1] over the whole image or volume
    (CT: window level/width, default soft tissue 40/400; MR: clip to the 0.5..99.5
-   percentiles of non-zero voxels, zeros stay 0; 2D endoscopy/X-ray: min-max), then every
+   percentiles of non-zero voxels, zeros stay 0; 2D endoscopy/X-ray: min-max; the defaults are
+   the vocabulary's, ``configs/classes.json``: :func:`normalisation_defaults`), then every
    slice min-max scaled to [0, 1] on its own (as MedSAM's inference does) and grey made
    3-channel.
 2. ``to_backbone_input``: resize so the longest side is ``size`` (256 LiteMedSAM, 1024
@@ -33,6 +34,7 @@ __all__ = [
     "InputGeometry",
     "normalise",
     "normalisation_of",
+    "normalisation_defaults",
     "to_backbone_input",
     "low_res_to_original",
     "mask_to_input",
@@ -49,14 +51,16 @@ class PreprocessConfig:
     """All preprocessing parameters; ``key()`` names them for cache keys."""
 
     modality: str = "ct"
-    ct_level: float = 40.0
-    ct_width: float = 400.0
-    mr_lower: float = 0.5
-    mr_upper: float = 99.5
+    ct_level: float | None = None  # None: the vocabulary's (normalisation_defaults)
+    ct_width: float | None = None
+    mr_lower: float | None = None
+    mr_upper: float | None = None
     size: int = 256
 
     def __post_init__(self):
         object.__setattr__(self, "modality", check_modality(self.modality))
+        for name, value in normalisation_params(self.ct_level, self.ct_width, self.mr_lower, self.mr_upper).items():
+            object.__setattr__(self, name, value)
         if self.ct_width <= 0:
             raise ValueError(f"ct_width must be > 0, got {self.ct_width}")
         if not 0 <= self.mr_lower < self.mr_upper <= 100:
@@ -116,13 +120,35 @@ def normalisation_of(modality: str | None) -> str:
     return MODALITY_NORMALISATION[check_modality(modality)]["normalise"]
 
 
-def normalise(slices: np.ndarray, modality: str | None, *, ct_level: float = 40.0, ct_width: float = 400.0,
-              mr_lower: float = 0.5, mr_upper: float = 99.5, per_slice: bool = True) -> np.ndarray:
+def normalisation_defaults() -> dict[str, float]:
+    """The one definition of the default CT window and MR percentiles: the vocabulary's
+    (``configs/classes.json``: ``modalities.ct`` level/width, ``modalities.mr`` lower/upper),
+    read by :class:`PreprocessConfig` (the cache), :func:`normalise`, the pipeline's
+    ``NormaliseModalityd`` (``automedsam segment``, the bundle configs, MONAI Label)."""
+    ct, mr = MODALITY_NORMALISATION["ct"], MODALITY_NORMALISATION["mr"]
+    return {"ct_level": float(ct["level"]), "ct_width": float(ct["width"]), "mr_lower": float(mr["lower"]),
+            "mr_upper": float(mr["upper"])}
+
+
+def normalisation_params(ct_level: float | None = None, ct_width: float | None = None, mr_lower: float | None = None,
+                         mr_upper: float | None = None) -> dict[str, float]:
+    """The four parameters, each None replaced by :func:`normalisation_defaults`'s value."""
+    given = {"ct_level": ct_level, "ct_width": ct_width, "mr_lower": mr_lower, "mr_upper": mr_upper}
+    return {k: float(v) if v is not None else d for (k, v), d in zip(given.items(), normalisation_defaults().values())}
+
+
+def normalise(slices: np.ndarray, modality: str | None, *, ct_level: float | None = None,
+              ct_width: float | None = None, mr_lower: float | None = None, mr_upper: float | None = None,
+              per_slice: bool = True) -> np.ndarray:
     """(N,H,W,C) or (H,W[,C]) raw intensities -> float32 (N,H,W,3) (or (H,W,3)) in [0, 1].
 
-    ``modality`` None means a generic image: min-max like endoscopy/X-ray.
+    ``modality`` None means a generic image: min-max like endoscopy/X-ray. Parameters left None:
+    the vocabulary's (:func:`normalisation_defaults`).
     """
     from monai.transforms import ScaleIntensityRange
+
+    p = normalisation_params(ct_level, ct_width, mr_lower, mr_upper)
+    ct_level, ct_width, mr_lower, mr_upper = p["ct_level"], p["ct_width"], p["mr_lower"], p["mr_upper"]
 
     x = np.asarray(slices, dtype=np.float32)
     single = x.ndim in (2, 3) and not (x.ndim == 3 and x.shape[-1] not in (1, 3))
