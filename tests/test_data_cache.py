@@ -251,3 +251,28 @@ def test_slice_without_classes(data_root, tmp_path):
     assert d["class_ids"].shape == (0,) and d["masks"].shape == (0, 256, 256) and d["teacher"].shape == (0, 256, 256)
     item = SliceSamples(cache, [entry], slice_step=200, negative_ratio=None)[0]
     assert item["present"] == 0 and item["mask"].sum() == 0
+
+
+def test_keys_and_file_format_are_pinned(tmp_path):
+    """The cache keys and the slice file's bytes are what the code has always made: a cache
+    built before a refactor (e.g. /work/cache) stays valid. Fixed bytes for the image, label and
+    checkpoint, so the expected keys are constants (computed by the code before cache.py was
+    split into cache.py and cache_files.py); changing what a key covers must change them."""
+    import hashlib
+
+    (tmp_path / "img.nii.gz").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "lab.nii.gz").write_bytes(b"label" * 100)
+    (tmp_path / "ckpt.pth").write_bytes(b"weights" * 10)
+    cache = EmbeddingCache(tmp_path / "cache", backbone="lite_medsam", checkpoint=tmp_path / "ckpt.pth")
+    ct = {"image": str(tmp_path / "img.nii.gz"), "label": str(tmp_path / "lab.nii.gz"), "dataset": "totalseg",
+          "modality": "ct"}
+    endo = {"image": str(tmp_path / "img.nii.gz"), "dataset": "kvasir", "modality": "endoscopy"}
+    assert cache.slice_key(ct, 3) == "10484d1c41ddb6e602bfe43b4007ab002a1220a2cf22bb83"
+    assert cache.slice_key(ct, 3, view=1) == "e22609a30f3e2404d6934b79d2ba8ef891f345185992f187"
+    assert cache.case_key(ct) == "1d8482edd6ee2cc25934441c4d99a4d98b77764a"
+    assert cache.slice_key(endo, 0) == "7a12d08f0fb67d367972f177ec0962d3745c3f05045da555"
+    assert cache.case_key(endo) == "6af47f2447b2ce580ac56daf0f4db27936f86baa"
+    arrays = {"embedding": np.arange(12, dtype=np.float16).reshape(3, 4), "class_ids": np.array([5], np.int16)}
+    data = cache._encode_file("k" * 48, arrays, {"slice": 3})
+    assert data.startswith(b"AUTOMEDSAM-CACHE-1\nf8690ac918fc33aad67977dba73430eff34d61f8d9ccdf195090f085a7d3b16a\n")
+    assert hashlib.sha256(data[84:]).hexdigest() == "f8690ac918fc33aad67977dba73430eff34d61f8d9ccdf195090f085a7d3b16a"

@@ -16,6 +16,7 @@ the plain slice, has exactly the key it had before views existed). Changed files
 give new keys, so nothing is ever served stale. Files are written atomically (temporary name +
 ``os.replace``) and carry a sha256 of their payload, checked on every read: a corrupt file
 is detected and recomputed. ``build`` skips finished slices, so a killed run resumes.
+The file format and the hashes keys are made of: :mod:`automedsam.data.cache_files`.
 
 Small per-case records (``cases/*.json``: slice count and classes present per slice, from
 the label alone) let datasets enumerate samples without touching the big files.
@@ -30,71 +31,24 @@ validation list) give a slice to the same rank every time.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from ..atomic import atomic_write
-from ..classes import CLASS_IDS, DATASET_LABELS, label_to_classes
+from ..classes import label_to_classes
 from .augment import views_for
-from .io import content_sha256, load_image, load_label
-from .preprocess import LOW_RES, InputGeometry, PreprocessConfig, mask_to_box, mask_to_input, mask_to_low_res, \
-    to_backbone_input
+from .cache_files import CACHE_FORMAT, CacheError, decode_entry, encode_entry, file_sha256, label_rules, \
+    owner_rank, sha_json
+from .cache_files import atomic_bytes as _atomic_bytes  # looked up here at each write (tests log the writes)
+from .io import load_image, load_label
+from .preprocess import LOW_RES, PreprocessConfig, mask_to_box, mask_to_input, mask_to_low_res, to_backbone_input
 
 __all__ = ["CACHE_FORMAT", "CacheError", "EmbeddingCache", "build_cache", "file_sha256", "owner_rank"]
-
-CACHE_FORMAT = 1  # bump when the file layout or what is stored changes
-_MAGIC = b"AUTOMEDSAM-CACHE-1\n"
-
-
-class CacheError(RuntimeError):
-    """A cache entry is missing or corrupt (and could not be recomputed here)."""
-
-
-_SHA_MEMO: dict[tuple, str] = {}
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Content sha256 of a file or folder, memoised on (path, size, mtime) within the process."""
-    p = Path(path)
-    st = p.stat()
-    if p.is_dir():
-        stamp = tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in p.rglob("*") if f.is_file()))
-    else:
-        stamp = (st.st_size, st.st_mtime_ns)
-    memo_key = (str(p.resolve()), stamp)
-    if memo_key not in _SHA_MEMO:
-        _SHA_MEMO[memo_key] = content_sha256(p)
-    return _SHA_MEMO[memo_key]
-
-
-def owner_rank(key: str, world_size: int) -> int:
-    """The rank that computes and writes the cache file of ``key`` (a slice or case key) when
-    ``world_size`` processes share a build."""
-    return int(key[:15], 16) % max(1, int(world_size))
-
-
-def _sha_json(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def _label_rules(dataset: str) -> dict:
-    """The label mapping of a dataset, with the class ids it produces (part of the keys)."""
-    rules = DATASET_LABELS[dataset]
-    return {name: {"id": CLASS_IDS[name], **rule} for name, rule in rules.items()}
-
-
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    """Write bytes atomically (see :func:`automedsam.atomic.atomic_write`)."""
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 class EmbeddingCache:
@@ -178,16 +132,16 @@ class EmbeddingCache:
     def _hashes(self, entry: dict) -> dict:
         label = entry.get("label")
         return {"image": file_sha256(entry["image"]), "label": file_sha256(label) if label else None,
-                "dataset": entry["dataset"], "rules": _sha_json(_label_rules(entry["dataset"])),
+                "dataset": entry["dataset"], "rules": sha_json(label_rules(entry["dataset"])),
                 "orientation": self.orientation}
 
     def case_key(self, entry: dict) -> str:
-        return _sha_json({"format": CACHE_FORMAT, **self._hashes(entry)})[:40]
+        return sha_json({"format": CACHE_FORMAT, **self._hashes(entry)})[:40]
 
     def slice_key(self, entry: dict, index: int, view: int = 0) -> str:
         """The content key of one slice's ``view`` (all that its cached numbers depend on)."""
         extra = {"view": int(view), "augment": self.augment.key(entry["modality"], entry["dataset"])} if view else {}
-        return _sha_json({
+        return sha_json({
             "format": CACHE_FORMAT, "backbone": self.backbone_name, "checkpoint": self.checkpoint_sha256,
             "preprocess": self.config_for(entry).key(), "teacher": self.teacher, "slice": int(index),
             **self._hashes(entry), **extra,
@@ -253,37 +207,11 @@ class EmbeddingCache:
     # ---------------------------------------------------------------- files
 
     def _encode_file(self, key: str, arrays: dict[str, np.ndarray], meta: dict) -> bytes:
-        buf = io.BytesIO()
-        np.savez(buf, meta=np.array(json.dumps({"key": key, **meta})), **arrays)
-        payload = buf.getvalue()
-        return _MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload
+        return encode_entry(key, arrays, meta)
 
     def load(self, key: str) -> dict:
         """The arrays of a cached slice; raises CacheError if missing or corrupt."""
-        path = self.path_for(key)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise CacheError(f"cache entry {key} not found ({path})") from None
-        head = len(_MAGIC) + 65
-        if len(data) < head or not data.startswith(_MAGIC):
-            raise CacheError(f"corrupt cache entry {path}: bad header")
-        digest, payload = data[len(_MAGIC):head - 1].decode("ascii", "replace"), data[head:]
-        if hashlib.sha256(payload).hexdigest() != digest:
-            raise CacheError(f"corrupt cache entry {path}: checksum mismatch")
-        try:
-            with np.load(io.BytesIO(payload), allow_pickle=False) as z:
-                out = {k: z[k] for k in z.files}
-            meta = json.loads(str(out.pop("meta")))
-        except Exception as e:  # noqa: BLE001 - any decoding problem is corruption
-            raise CacheError(f"corrupt cache entry {path}: {type(e).__name__}") from e
-        if meta.get("key") != key:
-            raise CacheError(f"corrupt cache entry {path}: holds key {meta.get('key')}")
-        out["meta"] = meta
-        out["masks"] = np.unpackbits(out["masks"], axis=-1, count=LOW_RES * LOW_RES).reshape(-1, LOW_RES, LOW_RES) \
-            if out["masks"].size else np.zeros((0, LOW_RES, LOW_RES), np.uint8)
-        out["geometry"] = InputGeometry.from_array(out["geometry"])
-        return out
+        return decode_entry(self.path_for(key), key)
 
     def is_valid(self, key: str, verify: bool = True) -> bool:
         """Whether a finished entry exists (with ``verify``: and passes its checksum)."""
@@ -470,8 +398,8 @@ def build_cache(datalist: str | Sequence[str], base_dir: str | None = None, cach
                 backbone: str = "lite_medsam", checkpoint: str | None = None, max_cases: int | None = None,
                 slice_step: int = 1, only_labelled_slices: bool = False, split: str = "training",
                 batch_size: int = 4, rank: int | None = None, world_size: int | None = None,
-                device: str | None = None, ct_level: float = 40.0, ct_width: float = 400.0,
-                mr_lower: float = 0.5, mr_upper: float = 99.5, orientation: str | None = "LPS",
+                device: str | None = None, ct_level: float | None = None, ct_width: float | None = None,
+                mr_lower: float | None = None, mr_upper: float | None = None, orientation: str | None = "LPS",
                 teacher: bool = True, verify: bool = True, progress: bool = True, num_views: int | dict = 1,
                 all_labelled_slices: bool = False) -> dict:
     """Fill the embedding cache for one or more datalists (the ``automedsam cache`` command).
@@ -488,6 +416,7 @@ def build_cache(datalist: str | Sequence[str], base_dir: str | None = None, cach
             $RANK/$WORLD_SIZE, so ``torchrun --nproc_per_node=N -m automedsam.cli cache ...``
             splits it N ways; see :meth:`EmbeddingCache.build`).
         device: where the encoder runs (default: cuda:$LOCAL_RANK when CUDA is there, else CPU).
+        ct_level, ct_width, mr_lower, mr_upper: None: the vocabulary's (configs/classes.json).
         num_views: views per slice (1: the plain slice only; K: K-1 augmented views as well), or
             per dataset ({"totalseg": 32, "default": 8}).
     Returns: counts (slices, cached, computed, corrupt_recomputed, seconds, ...).
