@@ -76,8 +76,11 @@ def _interleaved(fns: dict, repeats: int, warmup: bool = True) -> dict[str, floa
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    s = a.sum() + b.sum()
-    return 1.0 if s == 0 else float(2.0 * np.logical_and(a, b).sum() / s)
+    """Dice of two binary masks (MONAI's ``compute_dice``; 1 when both are empty)."""
+    from monai.metrics import compute_dice
+
+    a, b = (torch.as_tensor(np.asarray(m, dtype=np.float32))[None, None] for m in (a, b))
+    return float(compute_dice(a, b, include_background=True, ignore_empty=False))
 
 
 def cpu_name() -> str:

@@ -17,22 +17,40 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], durable: 
     removed and the error raised. ``durable``: fsync before the rename (checkpoints). The file gets
     the usual umask permissions (``mkstemp`` makes 0600 files)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + path.name, dir=path.parent)
-    os.close(fd)
+    tmp = temp_beside(path)
     try:
         write(tmp)
         if durable:
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        discard(tmp)
         raise
     return path
+
+
+def temp_beside(path: str | os.PathLike) -> str:
+    """A fresh empty temporary file ``.tmp-*-<name>`` in ``path``'s folder (created if needed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + path.name, dir=path.parent)
+    os.close(fd)
+    return tmp
+
+
+def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Give ``tmp`` the usual umask permissions (``mkstemp`` makes 0600 files) and rename it onto
+    ``path`` (``os.replace``: atomic within a file system)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
+    os.replace(tmp, path)
+
+
+def discard(tmp: str | os.PathLike) -> None:
+    """Remove a temporary file if it is still there."""
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass

@@ -16,16 +16,18 @@ __all__ = ["segment_codes", "build_dicom_seg", "write_dicom_seg"]
 
 def segment_codes(class_id: int):
     """(segmented property category, segmented property type) codes of a class: the coded concept
-    of the vocabulary's classes file (SNOMED CT); a class without one is an "Anatomical Structure"."""
+    of the vocabulary's classes file (SNOMED CT, data: ``automedsam add-class`` appends to it); a part
+    it lacks is pydicom's ``codes.SCT.AnatomicalStructure``."""
+    from pydicom.sr.codedict import codes as dicom_codes
     from pydicom.sr.coding import Code
 
     from .classes import CLASS_CODES
 
-    anatomy = {"code": "91723000", "scheme": "SCT", "meaning": "Anatomical Structure"}
-    codes = CLASS_CODES.get(int(class_id), {})
-    cat, typ = codes.get("category", anatomy), codes.get("type", anatomy)
-    return (Code(str(cat["code"]), cat.get("scheme", "SCT"), cat["meaning"]),
-            Code(str(typ["code"]), typ.get("scheme", "SCT"), typ["meaning"]))
+    def code(c):
+        return Code(str(c["code"]), c.get("scheme", "SCT"), c["meaning"]) if c else dicom_codes.SCT.AnatomicalStructure
+
+    own = CLASS_CODES.get(int(class_id), {})
+    return code(own.get("category")), code(own.get("type"))
 
 
 def _source_frames(native: np.ndarray, layout: str) -> np.ndarray:

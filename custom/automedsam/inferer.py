@@ -207,9 +207,11 @@ def _item_meta(inputs, key: str, n: int) -> list:
 
 
 def largest_component_3d(mask: np.ndarray) -> np.ndarray:
-    """Keep the largest connected component (26-connectivity in 3D) of a binary mask."""
-    from monai.transforms.utils import get_largest_connected_component_mask
+    """Keep the largest connected component (26-connectivity in 3D) of a binary mask (MONAI's
+    ``KeepLargestConnectedComponent`` on it as one channel)."""
+    from monai.transforms import KeepLargestConnectedComponent
 
     if not mask.any():
         return mask
-    return np.asarray(get_largest_connected_component_mask(torch.as_tensor(mask), connectivity=mask.ndim)).astype(bool)
+    keep = KeepLargestConnectedComponent(applied_labels=1, is_onehot=False, connectivity=mask.ndim)
+    return np.asarray(keep(torch.as_tensor(np.asarray(mask, dtype=np.uint8))[None]))[0].astype(bool)

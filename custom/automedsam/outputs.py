@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import discard, publish, temp_beside  # the one home of atomic writes
 from .classes import CLASSES
 from .corrections import SliceMapper
 from .data.io import LoadedImage
@@ -131,26 +132,18 @@ class _Staged:
         self.pending: list[tuple[str, Path]] = []
 
     def write(self, final: Path, writer: Callable[[str], Any]) -> None:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + final.name, dir=final.parent)
-        os.close(fd)
+        tmp = temp_beside(final)
         self.pending.append((tmp, final))
         writer(tmp)
 
     def commit(self) -> None:
-        mask = os.umask(0)
-        os.umask(mask)
         for tmp, final in self.pending:
-            os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600 files; outputs get the usual permissions
-            os.replace(tmp, final)
+            publish(tmp, final)
         self.pending = []
 
     def abort(self) -> None:
         for tmp, _ in self.pending:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+            discard(tmp)
         self.pending = []
 
 
